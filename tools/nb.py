@@ -1,0 +1,37 @@
+"""Author notebooks as jupytext 'percent' scripts, keep the .ipynb as the source of truth.
+
+    python tools/nb.py build DRAFT.py nbs/NN_name.ipynb   # percent script -> notebook, executed, cleaned, exported
+    python tools/nb.py draft nbs/NN_name.ipynb DRAFT.py   # notebook -> percent script for editing
+    python tools/nb.py run nbs/NN_name.ipynb              # re-execute a notebook in place (outputs kept for the docs)
+
+Notebooks execute with nbs/ as the working directory, as nbdev-test runs them."""
+import subprocess, sys
+from pathlib import Path
+import jupytext, nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+def run(nb_path: Path, timeout=1800):
+    nb = nbformat.read(nb_path, as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(nb_path.parent)}}).execute()
+    nbformat.write(nb, nb_path)
+    subprocess.run([str(BIN/'nbdev-clean'), '--fname', str(nb_path)], cwd=ROOT, check=True)
+    subprocess.run([str(BIN/'nbdev-export')], cwd=ROOT, check=True)
+
+def build(src: Path, dst: Path):
+    nb = jupytext.read(src, fmt='py:percent')
+    nb.metadata = {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, dst)
+    subprocess.run([str(BIN/'nbdev-export')], cwd=ROOT, check=True)  # so the notebook can import its own module
+    run(dst)
+
+def draft(src: Path, dst: Path):
+    nb = nbformat.read(src, as_version=4)
+    jupytext.write(nb, dst, fmt='py:percent')
+
+if __name__ == '__main__':
+    cmd, *args = sys.argv[1:]
+    {'build': build, 'draft': draft, 'run': run}[cmd](*map(Path, args))
