@@ -1,0 +1,153 @@
+"""cream_nb.consistency against scipy.stats, the top-order definition, constant vectors, bad shapes, id alignment."""
+import numpy as np, pytest, torch
+from hypothesis import given, settings, strategies as st
+from scipy.stats import kendalltau, spearmanr
+from cream_nb.consistency import (consistency_rate, consistency_rate_rows, consistency_rates, consistency_report,
+                                  consistency_summary, kendall_tau_b, set_consistency, spearman_rho, top_order_agreement)
+
+SCIPY = {'kendall': lambda a, b: kendalltau(a, b).statistic, 'spearman': lambda a, b: spearmanr(a, b).statistic}
+
+
+@pytest.mark.parametrize('method', ['kendall', 'spearman'])
+@pytest.mark.parametrize('n', range(2, 9))
+def test_rates_equal_scipy_on_tie_free_vectors(method, n):
+    rng = np.random.default_rng(n)
+    a, b = rng.normal(size=(120, n)), rng.normal(size=(120, n))
+    assert all(len(set(r)) == n for r in np.vstack([a, b]))                # tie-free
+    want = np.array([(SCIPY[method](x, y) + 1) / 2 for x, y in zip(a, b)])
+    np.testing.assert_allclose(consistency_rate_rows(a, b, method), want, rtol=0, atol=1e-12)
+    for x, y, w in zip(a[:20], b[:20], want):                              # the one-vector entry point too
+        assert abs(consistency_rate(x, y, method) - w) <= 1e-12
+
+
+@pytest.mark.parametrize('n', range(2, 9))
+def test_rates_on_permutations_hit_exact_values(n):
+    "Ranks given as permutations: kendall = (concordant - discordant) / n0 counted by hand, spearman by its closed form."
+    rng = np.random.default_rng(100 + n)
+    for _ in range(100):
+        a, b = rng.permutation(n).astype(float), rng.permutation(n).astype(float)
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        s = sum(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]) for i, j in pairs)
+        assert abs(consistency_rate(a, b) - (s / len(pairs) + 1) / 2) <= 1e-12
+        rho = 1 - 6 * ((a - b) ** 2).sum() / (n * (n * n - 1))
+        assert abs(consistency_rate(a, b, 'spearman') - (rho + 1) / 2) <= 1e-12
+    assert consistency_rate(np.arange(n), np.arange(n)) == 1.0                     # exact ends, not 1 - 1e-16
+    assert consistency_rate(np.arange(n), -np.arange(n)) == 0.0
+
+
+@pytest.mark.filterwarnings('ignore::scipy.stats.ConstantInputWarning')
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 8).flatmap(lambda n: st.tuples(st.lists(st.integers(0, 3), min_size=n, max_size=n),
+                                                     st.lists(st.integers(0, 3), min_size=n, max_size=n))))
+def test_ties_follow_scipy_tau_b_and_average_ranks(ab):
+    a, b = map(np.array, ab)
+    for method in ('kendall', 'spearman'):
+        if len(set(a)) == 1 or len(set(b)) == 1:                          # scipy: NaN; ours: 0.5
+            assert np.isnan(SCIPY[method](a, b)) and consistency_rate(a, b, method) == 0.5
+        else:
+            assert abs(consistency_rate(a, b, method) - (SCIPY[method](a, b) + 1) / 2) <= 1e-12
+
+
+def _top_order_by_definition(a, b):
+    "1 if the set of argmaxes and the set of argmins agree, else 0 (no vectorisation, for reference)."
+    best = lambda x: {i for i, v in enumerate(x) if v == max(x)}
+    worst = lambda x: {i for i, v in enumerate(x) if v == min(x)}
+    return float(best(a) == best(b) and worst(a) == worst(b))
+
+
+def test_toporder_definition():
+    assert consistency_rate([0.9, 0.1, 0.5, 0.3], [2.0, -1.0, 0.0, 1.0], 'toporder') == 1.0   # middle order differs
+    assert consistency_rate([0.9, 0.1, 0.5, 0.3], [2.0, 0.0, -1.0, 1.0], 'toporder') == 0.0   # worst differs
+    assert consistency_rate([0.9, 0.1, 0.5, 0.3], [0.0, -1.0, 2.0, 1.0], 'toporder') == 0.0   # best differs
+    # the paper's code compares response 0 and N-1; here best is index 2 and worst index 0 in both:
+    assert consistency_rate([1, 2, 3], [0, 5, 9], 'toporder') == 1.0
+    assert consistency_rate([0, 3, 1], [0, 3, 2], 'toporder') == 1.0     # responses 0 and N-1 not the best/worst pair
+    assert consistency_rate([3, 3, 1], [5, 5, 0], 'toporder') == 1.0     # same tied maxima
+    assert consistency_rate([3, 3, 1], [5, 4, 0], 'toporder') == 0.0     # {0, 1} is not {0}
+    rng = np.random.default_rng(7)
+    for n in range(2, 9):
+        a, b = rng.integers(0, 4, size=(200, n)).astype(float), rng.integers(0, 4, size=(200, n)).astype(float)
+        got = top_order_agreement(a, b)
+        for x, y, g in zip(a, b, got):
+            if len(set(x)) == 1 or len(set(y)) == 1: assert np.isnan(g)
+            else: assert g == _top_order_by_definition(list(x), list(y))
+
+
+@pytest.mark.parametrize('method', ['kendall', 'spearman', 'toporder'])
+def test_constant_vector_gives_half_never_nan(method):
+    for a, b in [([2.0] * 5, [1, 2, 3, 4, 5]), ([1, 2, 3], [0, 0, 0]), ([7, 7], [7, 7]), ([-1e9] * 4, [-1e9] * 4)]:
+        assert consistency_rate(a, b, method) == 0.5
+    rates = consistency_rates({'x': [1., 1., 1.], 'y': [1., 2., 3.]}, {'x': [3., 1., 2.], 'y': [1., 2., 3.]}, method)
+    assert rates == {'x': 0.5, 'y': 1.0}
+
+
+def test_bad_shapes_and_values():
+    with pytest.raises(ValueError, match='N >= 2'): consistency_rate([1.0], [1.0])
+    with pytest.raises(ValueError, match='N >= 2'): consistency_rate([], [])
+    with pytest.raises(ValueError, match='same length, got 3 and 4'): consistency_rate([1, 2, 3], [1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r'non-finite reward at \(0, 1\)'): consistency_rate([1, float('nan'), 3], [1, 2, 3])
+    with pytest.raises(ValueError, match='missing \\(None\\)'): consistency_rate([1, 2, 3], [1, None, 3])
+    with pytest.raises(ValueError, match='must hold numbers'): consistency_rate(['a', 'b'], [1, 2])
+    with pytest.raises(ValueError, match='unknown consistency method'): consistency_rate([1, 2], [2, 1], method='tau')
+    with pytest.raises(ValueError, match='shape'): kendall_tau_b(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="prompt 'b': 3 current rewards but 2 previous"):
+        consistency_rates({'a': [1, 2], 'b': [1, 2, 3]}, {'a': [1, 2], 'b': [1, 2]})
+    with pytest.raises(ValueError, match="prompt 'a': previous rewards"):
+        consistency_rates({'a': [1, 2]}, {'a': [1, None]})
+    with pytest.raises(ValueError, match="prompt 'a': current rewards"):
+        consistency_rates({'a': [1]}, {'a': [1]})
+
+
+def test_torch_and_batched_inputs_agree():
+    a, b = torch.tensor([0.3, -1.2, 2.0, 0.1]), torch.tensor([0.1, -0.2, 1.0, 0.4])
+    assert consistency_rate(a, b) == consistency_rate(a.tolist(), b.tolist())
+    A, B = np.random.default_rng(1).normal(size=(2, 30, 5))
+    for m in ('kendall', 'spearman', 'toporder'):
+        np.testing.assert_array_equal(consistency_rate_rows(A, B, m), [consistency_rate(x, y, m) for x, y in zip(A, B)])
+    np.testing.assert_allclose(spearman_rho(A, B), [spearmanr(x, y).statistic for x, y in zip(A, B)], atol=1e-12)
+
+
+def test_rates_keyed_by_prompt_id_survive_a_skipped_prompt():
+    rng = np.random.default_rng(3)
+    ids = [f'arc_easy-{i:012x}' for i in range(40)]
+    cur = {p: rng.normal(size=int(rng.integers(2, 7))).tolist() for p in ids}       # N varies by prompt
+    prev = {p: rng.normal(size=len(cur[p])).tolist() for p in ids}
+    for method in ('kendall', 'spearman', 'toporder'):
+        full = consistency_rates(cur, prev, method)
+        assert list(full) == ids
+        for p in ids: assert full[p] == consistency_rate(cur[p], prev[p], method)
+        skip = ids[5]
+        part = consistency_rates({p: v for p, v in cur.items() if p != skip}, {p: v for p, v in prev.items() if p != skip}, method)
+        assert part == {p: r for p, r in full.items() if p != skip}
+    # the order of `previous` does not matter: matching is by id, not position
+    assert consistency_rates(cur, dict(reversed(list(prev.items())))) == consistency_rates(cur, prev)
+    with pytest.raises(ValueError, match=r"only in current 1 \(e.g. \['arc_easy-000000000005'\]\), only in previous 0"):
+        consistency_rates(cur, {p: v for p, v in prev.items() if p != ids[5]})
+
+
+def test_set_rate_and_summary():
+    rates = {'a': 0.0, 'b': 0.1, 'c': 0.3, 'd': 0.55, 'e': 0.999, 'f': 1.0}
+    assert set_consistency(rates) == pytest.approx(np.mean(list(rates.values())), abs=1e-15)
+    s = consistency_summary(rates)
+    assert s['n'] == 6 and s['min'] == 0.0 and s['max'] == 1.0
+    assert s['std'] == pytest.approx(np.std(list(rates.values())), abs=1e-15)
+    assert s['histogram']['counts'] == [1, 1, 0, 1, 0, 1, 0, 0, 0, 2]
+    assert len(s['histogram']['edges']) == 11 and s['histogram']['edges'][3] == 0.3
+    # Kendall rates for N = 5 are k/10 up to float error; each lands in its own bin k
+    k = consistency_rate_rows(np.tile(np.arange(5.), (11, 1)),
+                              np.array([[0, 1, 2, 3, 4], [1, 0, 2, 3, 4], [1, 0, 3, 2, 4], [1, 0, 3, 4, 2], [1, 3, 0, 4, 2],
+                                        [3, 1, 0, 4, 2], [3, 1, 4, 0, 2], [3, 4, 1, 0, 2], [4, 3, 1, 0, 2], [4, 3, 1, 2, 0],
+                                        [4, 3, 2, 1, 0]], float))
+    np.testing.assert_allclose(k, np.arange(10, -1, -1) / 10, atol=1e-12)
+    assert consistency_summary(dict(enumerate(k)))['histogram']['counts'] == [1] * 9 + [2]
+    with pytest.raises(ValueError, match='at least one'): set_consistency({})
+    with pytest.raises(ValueError, match=r"prompt 'z' has -0.1"): consistency_summary({'y': 0.2, 'z': -0.1})
+    assert consistency_summary({})['histogram']['counts'] == [0] * 10
+
+
+def test_report_is_json_ready():
+    import json
+    rep = consistency_report({'a': [1, 2, 3], 'b': [2, 2, 2]}, {'a': [1, 3, 2], 'b': [1, 2, 3]})
+    assert rep['method'] == 'kendall' and rep['per_prompt'] == {'a': pytest.approx(2 / 3), 'b': 0.5}
+    assert rep['set'] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert json.loads(json.dumps(rep, allow_nan=False))['summary']['n'] == 2
