@@ -1,0 +1,35 @@
+"Multi-process sampling: `accelerate launch` on 2 CPU processes gives exactly the records of 1 process."
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT/'tests'/'scripts'/'sample_dist.py'
+BIN = Path(sys.executable).parent
+
+def _run(cmd, tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'CUDA_VISIBLE_DEVICES': ''}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+def _read(d:Path) -> dict: return {p.name: json.loads(p.read_text()) for p in sorted(d.glob('rank*.json'))}
+
+@pytest.mark.slow
+def test_two_processes_give_the_records_of_one(tmp_path):
+    _run([sys.executable, SCRIPT, tmp_path/'one'], tmp_path)
+    # `--multi_gpu` is accelerate's torchrun launcher; without GPUs the processes run on CPU over gloo
+    # (`--cpu` would start a single process unless MPI is installed)
+    _run([BIN/'accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
+          '--dynamo_backend', 'no', SCRIPT, tmp_path/'two'], tmp_path)
+    one, two = _read(tmp_path/'one'), _read(tmp_path/'two')
+    assert list(one) == ['rank0.json'] and one['rank0.json']['world_size'] == 1
+    assert list(two) == ['rank0.json', 'rank1.json'], "accelerate launch did not run 2 processes"
+    assert [two[k]['world_size'] for k in two] == [2, 2]
+    # 5 prompts in batches of 2 -> batches 0, 1, 2 (seeds 11, 12, 13): rank 0 takes 0 and 2, rank 1 takes 1
+    assert one['rank0.json']['batch_seeds'] == [11, 12, 13]
+    assert two['rank0.json']['batch_seeds'] == [11, 13] and two['rank1.json']['batch_seeds'] == [12]
+    recs = one['rank0.json']['records']
+    assert [r['prompt_id'] for r in recs] == ['q0', 'q1', 'q2', 'q3', 'q4']
+    assert all(len(r['responses']) == 3 and len(r['response_token_ids']) == 3 for r in recs)
+    assert len({tuple(ids) for r in recs for ids in r['response_token_ids']}) == 15   # 15 distinct samples
+    assert two['rank0.json']['records'] == recs and two['rank1.json']['records'] == recs
