@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.cream-installed
 PRESET ?= cpu-demo
 RUN_DIR ?= runs/demo
 
-.PHONY: install run test check-sync readme docs clean-docs
+.PHONY: install run test check-sync readme docs clean-docs screenshot
 
 # torch first and on its own: torch==2.13.0 is a CPU build that lies on these machines' disk;
 # a plain `torch` requirement resolved by pip later would pull a multi-GB CUDA build.
@@ -45,6 +45,16 @@ check-sync: $(STAMP)
 readme: $(STAMP)
 	$(PY) tools/make_readme.py
 
-## The offline docs site, in _docs/
+## The offline docs site, in _docs/ (open _docs/index.html; no network, no Quarto)
 docs: $(STAMP)
 	$(PY) tools/build_docs.py
+
+## Screenshots of docs pages with Debian's chromium (apt-get install chromium): test-artifacts/docs-PAGE.png
+PAGES ?= index config
+screenshot: docs
+	mkdir -p test-artifacts
+	for page in $(PAGES); do
+	  chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+	    --disable-sync --no-first-run --user-data-dir="$$(mktemp -d)" --virtual-time-budget=5000 \
+	    --window-size=1280,1600 --screenshot="test-artifacts/docs-$$page.png" "file://$(CURDIR)/_docs/$$page.html"
+	done
