@@ -7,13 +7,14 @@
    notebooks to _proc/: hidden cells dropped, directives stripped, `show_doc` of every exported name
    inserted and executed. (`nbdev-proc-nbs` itself insists on installing Quarto, so it is not used.)
 2. `stage_nb` turns each into what MkDocs + mkdocs-jupyter render with the stored outputs: the front
-   matter becomes `# Title` + `> summary`; Quarto's `#| echo: false`, `#| output: false`, `#| include: false`
-   become cell tags or a dropped cell; plotly figures become HTML drawn by the local plotly.js; links to the
-   published docs become relative links. Pages are named by nbdev's `output-file` (00_config.ipynb ->
+   matter becomes `# Title` + `> summary`; `#| output: asis` cells (show_doc's API docs) become markdown
+   cells, so they are in the page's table of contents; Quarto's `#| echo: false`, `#| output: false`,
+   `#| include: false` become cell tags or a dropped cell; plotly figures become HTML drawn by the local
+   plotly.js, widgets a note; links to the published docs become relative links. Pages are named by nbdev's `output-file` (00_config.ipynb ->
    config.html), as on the Quarto site, so nbdev's doc links work on both.
 3. MkDocs (Material theme, offline plugin, `--strict`) builds into a temp dir that then replaces the
    output dir. The build fails (exit 1) when MkDocs warns, a page is missing, or a page would load a
-   script or stylesheet from the network.
+   script or stylesheet from the network. plotly.js and MathJax are copied from their Python packages.
 
 nbdev's own Quarto configuration (nbs/_quarto.yml, nbs/nbdev.yml) is refreshed too, so `nbdev-docs`
 keeps working for anyone who has Quarto."""
@@ -43,8 +44,9 @@ def process_notebooks(force:bool=False) -> Path:
     refresh_quarto_yml()   # nbdev-docs' Quarto config, kept current with pyproject.toml
     _build_modidx()        # doc links of exported names
     if force: shutil.rmtree(cfg.config_path/'_proc', ignore_errors=True)
-    errors = []
-    for nb in notebooks(cfg.nbs_path):  # one at a time, so that every failing notebook is reported
+    errors, nbs = [], notebooks(cfg.nbs_path)
+    if not nbs: raise DocsError(f"no notebooks in {cfg.nbs_path}")
+    for nb in nbs:  # one at a time, so that every failing notebook is reported
         try: proc = Path(proc_nbs(str(cfg.nbs_path), n_workers=0, file_glob=nb.name))
         except Exception as e: errors.append(f"nbs/{nb}: {e}")
     if errors: raise DocsError("nbdev's doc processors failed:\n" + "\n\n".join(errors) + f"\n({IMPORT_HINT})")
