@@ -213,7 +213,7 @@ def test_registry_missing_checkpoint_lists_the_registered(tmp_path):
     reg = CheckpointRegistry(tmp_path).register('m0', 'tiny').register('m1', tmp_path, 'm0')
     with pytest.raises(KeyError) as e: reg.path('m2')
     assert str(e.value) == f"checkpoint 'm2' is not registered in {tmp_path/'checkpoints.json'}: registered are ['m0', 'm1']"
-    with pytest.raises(KeyError, match="reference of 'm3' 'm2' is not registered"): reg.register('m3', tmp_path, 'm2')
+    with pytest.raises(KeyError, match=r"checkpoint 'm2' \(the reference of 'm3'\) is not registered"): reg.register('m3', tmp_path, 'm2')
     with pytest.raises(KeyError, match="registered are none"): CheckpointRegistry(tmp_path/'empty').reference('m0')
 
 def test_registry_refuses_a_malformed_file(tmp_path):
