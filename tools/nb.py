@@ -13,9 +13,16 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+def _no_eval(cell) -> bool:
+    "Cells nbdev-test would not run: `#| eval: false`."
+    return cell.cell_type == 'code' and any(l.replace(' ', '').lower() == '#|eval:false' for l in cell.source.splitlines())
+
 def run(nb_path: Path, timeout=1800):
     nb = nbformat.read(nb_path, as_version=4)
+    skipped = {i: c.source for i, c in enumerate(nb.cells) if _no_eval(c)}
+    for i in skipped: nb.cells[i].source = ''
     NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(nb_path.parent)}}).execute()
+    for i, src in skipped.items(): nb.cells[i].source, nb.cells[i].outputs, nb.cells[i].execution_count = src, [], None
     nbformat.write(nb, nb_path)
     subprocess.run([str(BIN/'nbdev-clean'), '--fname', str(nb_path)], cwd=ROOT, check=True)
     subprocess.run([str(BIN/'nbdev-export')], cwd=ROOT, check=True)
