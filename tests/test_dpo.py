@@ -225,6 +225,29 @@ def test_rate_below_half_pushes_the_margin_down(tmp_path):
     margins = [h['rewards/margins'] for h in metrics['history']]
     assert margins[-1] < 0 and metrics['loss_last'] < metrics['loss_first'], metrics['history']
 
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    "Half batches accumulated twice give the update of the whole batch: the per-batch mean loss is divided by the steps once."
+    pm, tok, pairs = core_stage_pairs(tmp_path)
+    pairs = pairs.select(range(6))
+    start = _params(pm, 'm2')
+    def run(batch_size, grad_accum):
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if n in start: p.copy_(start[n])
+        forwards = []
+        hook = pm.get_base_model().register_forward_pre_hook(lambda mod, args, kw: forwards.append(kw['input_ids'].shape[0]), with_kwargs=True)
+        cfg = DPOConfig(learning_rate=0.5, batch_size=batch_size, grad_accum=grad_accum, epochs=1, warmup_ratio=0.0, max_length=256)
+        m = train_dpo(pm, tok, pairs, cfg, tmp_path/f'm2-{grad_accum}', consistency=1.0, seed=0, progress=False, optim='sgd')
+        hook.remove()
+        return m, forwards, _params(pm, 'm2')
+    whole, f1, w1 = run(6, 1)
+    accum, f2, w2 = run(3, 2)
+    assert (whole['steps'], accum['steps']) == (1, 1) and f1 == [12] and f2 == [6, 6]
+    assert math.isclose(whole['loss_first'], accum['loss_first'], abs_tol=1e-6)
+    assert max((w1[n] - start[n]).abs().max().item() for n in w1) > 1e-4           # SGD: the update is lr * gradient
+    assert all(torch.allclose(w1[n], w2[n], atol=1e-7, rtol=1e-5) for n in w1)
+
 def test_empty_pairs_is_an_error(tiny, tmp_path):
     model, tok = tiny
     with pytest.raises(ValueError, match='pairs dataset is empty'):
