@@ -32,8 +32,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/cream run --preset $(PRESET) --run-dir $(RUN_DIR)
 
+# Browser tests (the JupyterLab tutorial, the docs site) drive Debian's chromium; Playwright cannot
+# download its own browser on these machines.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@echo "== installing Debian's chromium for the browser tests (needs root; or: sudo apt-get install chromium)"
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
 ## All tests: notebooks clean and in sync, README current, every notebook, then pytest (summary last)
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(PY) tools/check_sync.py
 	$(BIN)/nbdev-test --n-workers 1
 	$(BIN)/pytest tests/ -ra
