@@ -134,8 +134,11 @@ def test_reward_accuracy_by_hand():
     res = reward_accuracy({'p1': [5, 3, 2], 'p2': [1, 1, 0], 'p3': [0, 9], 'extra': [1.0]},
                           {'p1': [True, False, True], 'p2': [True, False, False], 'p3': [False, False]})
     assert res == {'accuracy': 2.5 / 4, 'mean_margin': 0.5, 'pairs': 4, 'prompts': 2,
-                   'prompts_all_correct': 0, 'prompts_all_wrong': 1}
+                   'prompts_all_correct': 0, 'prompts_all_wrong': 1, 'unscored_responses': 0}
     assert reward_accuracy({}, {})['accuracy'] is None
+    # SRLM: an unparseable judgement (None) is left out, never counted as 0: p1 keeps 5 > 3 only
+    res = reward_accuracy({'p1': [5, 3, None]}, {'p1': [True, False, True]})
+    assert (res['accuracy'], res['pairs'], res['unscored_responses']) == (1.0, 1, 1)
 
 def test_reward_accuracy_matches_mann_whitney():
     rng = np.random.default_rng(1)
