@@ -75,8 +75,13 @@ def test_kill_during_iteration2_sampling_then_resume(tiny_run, tmp_path):
         if log.exists() and '"iter2/sample", "event": "start"' in log.read_text(): break
         time.sleep(0.05)
     assert p.poll() is None, "the run ended before iteration 2's sampling started"
-    time.sleep(0.3)
+    part = None   # wait until at least one batch of iteration 2's samples is in the batch log, then kill
+    while time.time() < deadline and p.poll() is None and part is None:
+        part = next((f for f in (d/'iter2').glob('.samples.partial-*') if f.read_text().count('\n') >= 1), None)
+        time.sleep(0.02)
     p.send_signal(signal.SIGKILL); p.wait()
+    assert part is not None and part.exists(), "no sampling batch was logged before the kill"
+    logged = part.read_text().count('\n')
     assert not (d/'iter2'/'_stage_sample.json').exists()
     n_before = len(read_jsonl(log))
     r = subprocess.run(CREAM + ['run', '--preset', 'tiny', '--run-dir', str(d), '--quiet'], capture_output=True, text=True)
@@ -86,6 +91,9 @@ def test_kill_during_iteration2_sampling_then_resume(tiny_run, tmp_path):
     for st in ['sft', 'eval_m1'] + [f'iter1/{s}' for s in STAGES]:
         assert (st, 'skip') in events and (st, 'start') not in events, st
     for s in STAGES: assert (f'iter2/{s}', 'start') in events
+    assert not part.exists()           # the batch log is removed once samples.jsonl is complete
+    assert (d/'iter2'/'samples.jsonl').read_text() == (d_full/'iter2'/'samples.jsonl').read_text()
+    assert 1 <= logged < 4              # it was killed half-way through the 4 batches of the tiny preset
     a, b = strip_timings(read_json(d/'summary.json')), strip_timings(read_json(d_full/'summary.json'))
     assert a == b, differences(a, b)[:10]
 
@@ -116,7 +124,7 @@ def test_each_method_runs_one_iteration(tiny_run, tmp_path, method):
     assert it['done'] == list(STAGES)
     if it['pairs']['pairs']: assert it['dpo']['steps'] >= 1
     else:  # the random tiny model may answer nothing right: no oracle pairs, and M2 is M1 unchanged
-        assert method == 'oracle' and it['dpo']['steps'] == 0 and 'copy of m1' in it['dpo']['skipped']
+        assert method in ('oracle', 'srlm') and it['dpo']['steps'] == 0 and 'copy of m1' in it['dpo']['skipped']
     cons = read_json(d/'iter1'/'consistency.json')
     if method == 'cream-dyn':
         assert cons['training'] == 'dyn' and cons['method'] == 'spearman' and len(cons['per_prompt']) == 8

@@ -33,3 +33,27 @@ def test_two_processes_give_the_records_of_one(tmp_path):
     assert all(len(r['responses']) == 3 and len(r['response_token_ids']) == 3 for r in recs)
     assert len({tuple(ids) for r in recs for ids in r['response_token_ids']}) == 15   # 15 distinct samples
     assert two['rank0.json']['records'] == recs and two['rank1.json']['records'] == recs
+
+
+def test_resume_from_batch_log_generates_only_missing_batches(tmp_path, monkeypatch):
+    "A batch log left by a killed run (last line cut short) is reused: same records, only missing batches generated."
+    import cream_nb.sampling as S
+    from cream_nb.config import SamplingConfig
+    from cream_nb.models import load_model
+    model, tok = load_model('tiny')
+    ps = [{'id': f'q{i}', 'messages': [{'role': 'user', 'content': 'Tell me ' * (i + 1)}]} for i in range(7)]
+    cfg = SamplingConfig(n_responses=3, max_new_tokens=5, batch_size=2, seed=11)
+    full = S.sample_responses(model, tok, ps, cfg, progress=False, resume_path=tmp_path/'a.log')
+    lines = (tmp_path/'a.log').read_text().splitlines()
+    assert len(lines) == 4
+    (tmp_path/'b.log').write_text('\n'.join(lines[:2]) + '\n' + lines[2][:25])
+    seeds = []
+    orig = S._generate_batch
+    monkeypatch.setattr(S, '_generate_batch', lambda *a: seeds.append(a[-1]) or orig(*a))
+    assert S.sample_responses(model, tok, ps, cfg, progress=False, resume_path=tmp_path/'b.log') == full
+    assert seeds == [13, 14]
+    # a log made for other prompts is not used
+    seeds.clear()
+    other = [dict(p, id=p['id'] + 'x') for p in ps]
+    S.sample_responses(model, tok, other, cfg, progress=False, resume_path=tmp_path/'a.log')
+    assert seeds == [11, 12, 13, 14]
