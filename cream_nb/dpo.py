@@ -123,7 +123,7 @@ def policy_logps(
 
 # %% ../nbs/08_dpo.ipynb #822b4f9b
 from transformers import Trainer, PrinterCallback
-from .sft import precision_args, training_summary
+from .sft import precision_args, training_kwargs, training_summary
 
 class CreamDPOTrainer(Trainer):
     "`transformers.Trainer` whose loss is `cream_loss` on collated (chosen; rejected) batches with stored reference log-probs."
@@ -161,12 +161,8 @@ def dpo_training_args(
 ):
     "The `transformers.TrainingArguments` of a DPO run."
     from transformers import TrainingArguments
-    kw = dict(output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-              learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
-              optim='adamw_torch', logging_steps=1, save_strategy='no', report_to='none', remove_unused_columns=False,
-              seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False, **precision_args())
-    for old in ('gradient_checkpointing', 'gradient_checkpointing_kwargs'):       # transformers 5 renamed them
-        if old in overrides: overrides[old.replace('gradient', 'activation')] = overrides.pop(old)
+    kw, overrides = training_kwargs(cfg, output_dir, seed, overrides)
+    kw.update(remove_unused_columns=False)   # the collator needs the reference log-probs and rates
     if overrides.get('activation_checkpointing'): kw['activation_checkpointing_kwargs'] = {'use_reentrant': False}
     return TrainingArguments(**{**kw, **overrides})
 

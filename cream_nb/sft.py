@@ -10,7 +10,8 @@ import tempfile, time
 import torch
 
 # %% auto #0
-__all__ = ['sft_examples', 'precision_args', 'sft_training_args', 'sft_trainer', 'training_summary', 'train_sft']
+__all__ = ['sft_examples', 'precision_args', 'training_kwargs', 'sft_training_args', 'sft_trainer', 'training_summary',
+           'train_sft']
 
 # %% ../nbs/03_sft.ipynb #b016214f
 def sft_examples(
@@ -37,6 +38,22 @@ def precision_args() -> dict:
     return dict(bf16=bf16, fp16=False)
 
 # %% ../nbs/03_sft.ipynb #ef609cbe
+def training_kwargs(
+    cfg, # SFTConfig or DPOConfig of cream_nb.config: batch size, accumulation, learning rate, epochs, warmup, schedule
+    output_dir, # Trainer's scratch folder
+    seed:int, # data order and initialisation seed
+    overrides:dict, # caller's extra fields; old `gradient_checkpointing*` names are renamed for transformers 5
+)->tuple: # (kwargs shared by the SFT and DPO trainers, overrides with current names)
+    "The Trainer arguments SFT and DPO share: our config's schedule, CPU or mixed precision, no checkpoints, no reporting."
+    kw = dict(output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+              learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
+              optim='adamw_torch', logging_steps=1, save_strategy='no', report_to='none', seed=seed, data_seed=seed,
+              use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False, **precision_args())
+    overrides = dict(overrides)
+    for old in ('gradient_checkpointing', 'gradient_checkpointing_kwargs'):       # transformers 5 renamed them
+        if old in overrides: overrides[old.replace('gradient', 'activation')] = overrides.pop(old)
+    return kw, overrides
+
 def sft_training_args(
     cfg, # cream_nb.config.SFTConfig
     output_dir, # Trainer's scratch folder (nothing is kept there)
@@ -45,13 +62,8 @@ def sft_training_args(
 ):
     "TRL's `SFTConfig` for the seed SFT run: completion-only loss, cosine schedule with warmup."
     from trl import SFTConfig as TRLSFTConfig
-    kw = dict(output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-              learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
-              max_length=cfg.max_length, completion_only_loss=True, assistant_only_loss=False, packing=False,
-              optim='adamw_torch', logging_steps=1, save_strategy='no', report_to='none', seed=seed, data_seed=seed,
-              use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False, activation_checkpointing=False, **precision_args())
-    for old in ('gradient_checkpointing', 'gradient_checkpointing_kwargs'):       # transformers 5 renamed them
-        if old in overrides: overrides[old.replace('gradient', 'activation')] = overrides.pop(old)
+    kw, overrides = training_kwargs(cfg, output_dir, seed, overrides)
+    kw.update(max_length=cfg.max_length, completion_only_loss=True, assistant_only_loss=False, packing=False, activation_checkpointing=False)
     if overrides.get('activation_checkpointing'): kw['activation_checkpointing_kwargs'] = {'use_reentrant': False}
     return TRLSFTConfig(**{**kw, **overrides})
 
