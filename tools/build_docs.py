@@ -21,6 +21,9 @@ keeps working for anyone who has Quarto."""
 import argparse, hashlib, html.parser, json, os, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
+# runs/ under nbs/ holds what notebooks wrote while executing (e.g. the README example's run): not docs
+SKIP_FOLDERS = r'^([_.]|runs$)'
+
 ROOT = Path(__file__).resolve().parents[1]
 PLOTLY_MIME = 'application/vnd.plotly.v1+json'
 WIDGET_MIME = 'application/vnd.jupyter.widget-view+json'
@@ -47,7 +50,7 @@ def process_notebooks(force:bool=False) -> Path:
     errors, nbs = [], notebooks(cfg.nbs_path)
     if not nbs: raise DocsError(f"no notebooks in {cfg.nbs_path}")
     for nb in nbs:  # one at a time, so that every failing notebook is reported
-        try: proc = Path(proc_nbs(str(cfg.nbs_path), n_workers=0, file_glob=nb.name))
+        try: proc = Path(proc_nbs(str(cfg.nbs_path), n_workers=0, file_glob=nb.name, skip_folder_re=SKIP_FOLDERS))
         except Exception as e: errors.append(f"nbs/{nb}: {e}")
     if errors: raise DocsError("nbdev's doc processors failed:\n" + "\n\n".join(errors) + f"\n({IMPORT_HINT})")
     return proc

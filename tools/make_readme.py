@@ -53,7 +53,7 @@ def render() -> str:
     import jinja2, nbformat
     from nbdev.serve import proc_nbs
     from nbconvert import MarkdownExporter
-    cache = proc_nbs('nbs', n_workers=0, file_glob='index.ipynb')
+    cache = proc_nbs('nbs', n_workers=0, file_glob='index.ipynb', skip_folder_re=r'^([_.]|runs$)')
     nb = readme_nb(nbformat.read(cache/'index.ipynb', as_version=4))
     exporter = MarkdownExporter(extra_loaders=[jinja2.DictLoader({'readme.md.j2': TEMPLATE})], template_file='readme.md.j2')
     body, _ = exporter.from_notebook_node(nb)
