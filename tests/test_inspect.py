@@ -218,14 +218,18 @@ def test_inspector_navigation_and_filters(hand):
     assert ins.next_button.disabled
     ins.next_button.click(); assert ins.current()['id'] == IDS[4]   # stays at the end
     ins.prev_button.click(); assert ins.current()['id'] == IDS[3]
-    ins.disagree.value = True                                        # the control, as a user sets it
+    assert (ins.task.value, ins.disagree.value) == ('', 'any')       # 'all tasks', 'any' (a None value shows as blank in a browser)
+    ins.disagree.value = 'disagrees'                                 # the control, as a user sets it
     assert ins.prompt_ids() == [IDS[0], IDS[4]] and ins.current()['id'] == IDS[0]
     ins.task.value = 'gsm8k'
     assert ins.prompt_ids() == [IDS[4]]
     assert [r['rank'] for r in ins.current()['responses']] == [4, 1, 2, 3]
     assert ins.ranks.discordant() == [(0, 3)]
     ins.set_filters(task=None, disagrees=None, c_range=(0.5, 0.6))
-    assert ins.prompt_ids() == [IDS[0], IDS[4]] and ins.c_range.value == (0.5, 0.6)
+    assert ins.prompt_ids() == [IDS[0], IDS[4]] and (ins.c_range.value, ins.task.value, ins.disagree.value) == ((0.5, 0.6), '', 'any')
+    ins.set_filters(disagrees=False)
+    assert ins.prompt_ids() == [] and ins.disagree.value == 'agrees'       # 0.5 and 0.55 both disagree
+    ins.disagree.value = 'any'
     ins.search.value = 'bird'
     assert ins.prompt_ids() == [IDS[0]]
     ins.set_filters(text='nothing like this')
@@ -275,6 +279,8 @@ def test_errors_name_the_file(hand, tmp_path):
     with pytest.raises(ArtifactError, match=r"iter2/prompts.jsonl is missing: iteration 2 has not started \(iterations present: \[1\]\)"):
         I.prompt_table(hand, 2)
     with pytest.raises(ValueError, match=r"iteration 3 is not in .*: iterations present are \[1\]"): I.PromptInspector(hand, t=3)
+    with pytest.raises(KeyError, match=r"prompt 'nope' is not in .*iter1/prompts.jsonl"): I.PromptInspector(hand, t=1, prompt_id='nope')
+    assert I.PromptInspector(hand, prompt_id=IDS[3]).current()['id'] == IDS[3]
     with pytest.raises(ArtifactError, match='has no iteration with prompts yet'): I.PromptInspector(tmp_path)
     with pytest.raises(ArtifactError, match='is not a run directory'): I.iterations(tmp_path/'nowhere')
     (hand/'iter1'/'rewards.jsonl').write_text('{"prompt_id": "x"}\nnot json\n')
