@@ -57,3 +57,16 @@ def test_resume_from_batch_log_generates_only_missing_batches(tmp_path, monkeypa
     other = [dict(p, id=p['id'] + 'x') for p in ps]
     S.sample_responses(model, tok, other, cfg, progress=False, resume_path=tmp_path/'a.log')
     assert seeds == [11, 12, 13, 14]
+
+
+def test_same_seed_same_records_other_seed_other_records():
+    from cream_nb.config import SamplingConfig
+    from cream_nb.models import load_model
+    from cream_nb.sampling import sample_responses
+    model, tok = load_model('tiny')
+    ps = [{'id': f'q{i}', 'messages': [{'role': 'user', 'content': 'Name a number ' * (i + 1)}]} for i in range(5)]
+    run = lambda seed: sample_responses(model, tok, ps, SamplingConfig(n_responses=3, max_new_tokens=6, batch_size=2, seed=seed), progress=False)
+    a, b, c = run(5), run(5), run(6)
+    assert a == b
+    assert [r['prompt_id'] for r in a] == [p['id'] for p in ps] and all(len(r['responses']) == 3 for r in a)
+    assert a != c
