@@ -163,7 +163,6 @@ def dpo_training_args(
     from transformers import TrainingArguments
     kw, overrides = training_kwargs(cfg, output_dir, seed, overrides)
     kw.update(remove_unused_columns=False)   # the collator needs the reference log-probs and rates
-    if overrides.get('activation_checkpointing'): kw['activation_checkpointing_kwargs'] = {'use_reentrant': False}
     return TrainingArguments(**{**kw, **overrides})
 
 # %% ../nbs/08_dpo.ipynb #3171fa95

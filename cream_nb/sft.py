@@ -52,6 +52,7 @@ def training_kwargs(
     overrides = dict(overrides)
     for old in ('gradient_checkpointing', 'gradient_checkpointing_kwargs'):       # transformers 5 renamed them
         if old in overrides: overrides[old.replace('gradient', 'activation')] = overrides.pop(old)
+    if overrides.get('activation_checkpointing'): kw['activation_checkpointing_kwargs'] = {'use_reentrant': False}
     return kw, overrides
 
 def sft_training_args(
@@ -64,7 +65,6 @@ def sft_training_args(
     from trl import SFTConfig as TRLSFTConfig
     kw, overrides = training_kwargs(cfg, output_dir, seed, overrides)
     kw.update(max_length=cfg.max_length, completion_only_loss=True, assistant_only_loss=False, packing=False, activation_checkpointing=False)
-    if overrides.get('activation_checkpointing'): kw['activation_checkpointing_kwargs'] = {'use_reentrant': False}
     return TRLSFTConfig(**{**kw, **overrides})
 
 # %% ../nbs/03_sft.ipynb #e8819fa2
