@@ -21,7 +21,11 @@ def run(nb_path: Path, timeout=1800):
     nb = nbformat.read(nb_path, as_version=4)
     skipped = {i: c.source for i, c in enumerate(nb.cells) if _no_eval(c)}
     for i in skipped: nb.cells[i].source = ''
-    NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(nb_path.parent)}}).execute()
+    # store_widget_state=False: a live widget is re-created when its cell runs; saved state (plotly's FigureWidget
+    # carries its 5 MB JavaScript bundle in each model) would make the notebook undiffable.
+    NotebookClient(nb, timeout=timeout, kernel_name='python3', store_widget_state=False,
+                   resources={'metadata': {'path': str(nb_path.parent)}}).execute()
+    nb.metadata.pop('widgets', None)
     for i, src in skipped.items(): nb.cells[i].source, nb.cells[i].outputs, nb.cells[i].execution_count = src, [], None
     nbformat.write(nb, nb_path)
     subprocess.run([str(BIN/'nbdev-clean'), '--fname', str(nb_path)], cwd=ROOT, check=True)
