@@ -28,9 +28,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-## The main job: CREAM on the embedded default model (override with PRESET=... RUN_DIR=...)
+## The main job: the paper's comparison (M1, SRLM, DPO, Oracle, CREAM avg and dyn) on the embedded default model,
+## ending with its tables and report (override with PRESET=... COMPARE_DIR=... METHODS="m1 cream-avg ...")
+run: COMPARE_DIR ?= runs/compare
 run: $(STAMP)
-	$(BIN)/cream run --preset $(PRESET) --run-dir $(RUN_DIR)
+	$(BIN)/cream compare --preset $(PRESET) --run-dir $(COMPARE_DIR) $(if $(METHODS),--methods $(METHODS))
 
 # Browser tests (the JupyterLab tutorial, the docs site) drive Debian's chromium; Playwright cannot
 # download its own browser on these machines.

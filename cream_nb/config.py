@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['TASKS', 'METHODS', 'PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig', 'SFTConfig', 'SamplingConfig',
-           'RewardConfig', 'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig', 'CreamConfig',
-           'config_from_dict', 'save_config', 'load_config', 'preset', 'apply_overrides', 'describe']
+__all__ = ['TASKS', 'METHODS', 'PRESETS', 'PRESET_HELP', 'ConfigError', 'ModelConfig', 'DataConfig', 'SFTConfig',
+           'SamplingConfig', 'RewardConfig', 'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig',
+           'CreamConfig', 'config_from_dict', 'save_config', 'load_config', 'preset', 'apply_overrides', 'describe']
 
 # %% ../nbs/00_config.ipynb #da65ce87
 class ConfigError(ValueError):
@@ -227,6 +227,27 @@ def load_config(path) -> CreamConfig:
     return config_from_dict(d)
 
 # %% ../nbs/00_config.ipynb #7c0db6b7
+# The paper's settings (Wang et al. 2025 and its code, Raibows/CREAM config.py): all weights trained (its LoRA switch is
+# off by default), SFT 3 epochs at 1e-6, DPO 1 epoch at 1e-6 with beta 0.1 and warmup 0.1, cosine schedules, sequences
+# up to 2048 tokens, sampling and evaluation up to 768 new tokens (GenSamplingConfig.gen_max_tokens), 8 GPUs x 4.
+_PAPER = dict(
+    model=dict(finetune='full', dtype='bfloat16'),
+    data=dict(source='hub'),
+    sft=dict(epochs=3, learning_rate=1e-6, batch_size=4, grad_accum=1, lr_scheduler='cosine', max_length=2048),
+    sampling=dict(max_new_tokens=768, batch_size=64),
+    dpo=dict(beta=0.1, learning_rate=1e-6, epochs=1, warmup_ratio=0.1, batch_size=4, grad_accum=1, lr_scheduler='cosine', max_length=2048),
+    eval=dict(max_new_tokens=768, batch_size=64))
+# One GPU: the paper's lengths and global batch (4 x 8 accumulation = 32), a 4-bit base trained through LoRA adapters
+# (the paper code's adapter shape, r 32, alpha 64, dropout 0.1) at rates that move an adapter.
+_QLORA = dict(model=dict(finetune='lora', quantization='4bit', dtype='bfloat16', lora_r=32, lora_alpha=64, lora_dropout=0.1),
+              sft=dict(learning_rate=1e-4, grad_accum=8), dpo=dict(learning_rate=5e-6, grad_accum=8))
+
+def _merge(*ds) -> dict:
+    out = {}
+    for d in ds:
+        for k, v in d.items(): out[k] = {**out.get(k, {}), **v}
+    return out
+
 PRESETS = {
     'tiny': dict(
         model=dict(name='tiny', lora_r=8, lora_alpha=16),
@@ -237,28 +258,37 @@ PRESETS = {
         dpo=dict(learning_rate=1e-3, batch_size=4, max_length=256),
         eval=dict(limit=3, max_new_tokens=12, batch_size=16),
         loop=dict(iterations=2)),
-    # sized for 2 CPU cores and ~15 minutes: SmolLM2-135M trains at roughly 30-90 s per step of 8 examples there
+    # `cream compare` of six methods on 2 CPU cores in ~15 minutes: every training step trains (no warmup: with 3-4 steps
+    # the first would run at lr 0), adapter-sized rates, 10 questions per task
     'cpu-demo': dict(
         model=dict(name='embedded', lora_r=16, lora_alpha=32),
-        data=dict(source='offline', seed_size=16, prompts_per_iteration=12),
-        sft=dict(epochs=1, learning_rate=2e-4, batch_size=8, max_length=256),
-        sampling=dict(n_responses=4, max_new_tokens=48, batch_size=12),
-        reward=dict(batch_size=16),
-        dpo=dict(learning_rate=5e-5, batch_size=8, max_length=256),
-        eval=dict(limit=4, max_new_tokens=64, batch_size=20),
+        data=dict(source='offline', seed_size=24, prompts_per_iteration=16),
+        sft=dict(epochs=1, learning_rate=3e-4, batch_size=8, warmup_ratio=0.0, max_length=256),
+        sampling=dict(n_responses=4, max_new_tokens=48, batch_size=16),
+        reward=dict(batch_size=16, judge_max_new_tokens=48),
+        dpo=dict(learning_rate=5e-4, batch_size=4, warmup_ratio=0.0, max_length=256),
+        eval=dict(limit=10, max_new_tokens=64, batch_size=25),
         loop=dict(iterations=2)),
-    'paper-llama3': dict(
-        model=dict(name='meta-llama/Meta-Llama-3-8B-Instruct', lora_r=64, lora_alpha=128),
-        data=dict(source='hub'),
-        sft=dict(epochs=3, learning_rate=1e-5, batch_size=4, grad_accum=8),
-        dpo=dict(batch_size=4, grad_accum=8),
-        eval=dict(batch_size=32)),
-    'paper-llama2': dict(
-        model=dict(name='meta-llama/Llama-2-7b-chat-hf', lora_r=64, lora_alpha=128),
-        data=dict(source='hub'),
-        sft=dict(epochs=3, learning_rate=1e-5, batch_size=4, grad_accum=8),
-        dpo=dict(batch_size=4, grad_accum=8),
-        eval=dict(batch_size=32)),
+    'paper-llama3': _merge(_PAPER, dict(model=dict(name='meta-llama/Meta-Llama-3-8B-Instruct'))),
+    'paper-llama2': _merge(_PAPER, dict(model=dict(name='meta-llama/Llama-2-7b-chat-hf'))),
+    'paper-llama3-qlora': _merge(_PAPER, dict(model=dict(name='meta-llama/Meta-Llama-3-8B-Instruct')), _QLORA),
+    'paper-llama2-qlora': _merge(_PAPER, dict(model=dict(name='meta-llama/Llama-2-7b-chat-hf')), _QLORA),
+}
+
+_PAPER_DEPARTS = ("Departs from the paper's code in: no weight decay (its code: 0.01); DPO's batch is per device, so the paper's "
+                  "global 32 needs 8 GPUs (accelerate launch --config_file configs/accelerate/zero2.yaml; "
+                  "configs/deepspeed/paper_zero2.json is the paper's ZeRO-2 file); the paper's README example trains SFT 5 epochs at 5e-6, "
+                  "its text 3 epochs at 1e-6 (used here).")
+PRESET_HELP = {
+    'tiny': "a 2-layer Llama built from a config, a handful of prompts, seconds per stage (tests, CI); its numbers are noise",
+    'cpu-demo': ("the embedded SmolLM2-135M-Instruct on 2 CPU cores, sized so `cream compare` of six methods ends in ~15 minutes. "
+                 "Departs from the paper: LoRA r16 adapters, SFT lr 3e-4 and DPO lr 5e-4 (rates for a small adapter), no warmup "
+                 "(3-4 steps per stage), 24 seed examples, 16 prompts per iteration, 4 responses of <= 48 tokens, 10 questions per task."),
+    'paper-llama3': "the paper's Llama-3-8B-Instruct settings, full fine-tuning on 8 GPUs. " + _PAPER_DEPARTS,
+    'paper-llama2': "the paper's Llama-2-7b-chat settings, full fine-tuning on 8 GPUs. " + _PAPER_DEPARTS,
+    'paper-llama3-qlora': ("paper-llama3 on one GPU: a 4-bit base with LoRA r32/alpha64 adapters (the paper code's LoRA shape, off there), "
+                           "SFT lr 1e-4 and DPO lr 5e-6 instead of 1e-6 (an adapter at 1e-6 barely moves), batch 4 x 8 accumulation = 32."),
+    'paper-llama2-qlora': "paper-llama2 on one GPU, as paper-llama3-qlora.",
 }
 
 def preset(name:str) -> CreamConfig:
