@@ -1,0 +1,154 @@
+"""`cream compare`: shared stages run once (counted in the stage logs), every method directory is a normal
+resumable run, methods can be added later, and the tables hold the right numbers for hand-made run directories
+(intervals and McNemar against statsmodels, consistency against scipy, movement by hand)."""
+import json, math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import kendalltau, spearmanr
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.proportion import proportion_confint
+
+from cream_nb import compare as C
+from cream_nb.config import preset, save_config
+from cream_nb.io import write_json, write_jsonl, save_dataset, read_json
+from cream_nb.loop import CreamRun, StageLog, load_config
+
+# ---------------------------------------------------------------- hand-made comparison directories
+
+def _preds(d:Path, rows):
+    write_jsonl([dict(task=t, id=i, correct=c) for t, i, c in rows], d/'predictions.jsonl')
+
+def _answers(rng, n, p): return (rng.random(n) < p).tolist()
+
+@pytest.fixture(scope='module')
+def hand(tmp_path_factory):
+    "Three methods on 12 questions per task (arc_easy, gsm8k), one iteration, answers drawn at random."
+    root = tmp_path_factory.mktemp('cmp'); rng = np.random.default_rng(3)
+    qs = [(t, f'{t}-{k}') for t in ('arc_easy', 'gsm8k') for k in range(12)]
+    truth = {'m1': _answers(rng, 24, .4), 'dpo': _answers(rng, 24, .5), 'cream-avg': _answers(rng, 24, .7)}
+    cfg = preset('tiny')
+    cur, prev = rng.normal(size=(5, 4)).round(2), rng.normal(size=(5, 4)).round(2)   # both methods' rewards, 5 prompts x 4 responses
+    for m in ('m1', 'dpo', 'cream-avg'):
+        d = root/m; save_config(cfg, d/'config.json')
+        (d/'eval_m1').mkdir(parents=True); _preds(d/'eval_m1', [(t, i, c) for (t, i), c in zip(qs, truth['m1'])])
+        if m == 'm1': continue
+        it = d/'iter1'; (it/'eval').mkdir(parents=True)
+        _preds(it/'eval', [(t, i, c) for (t, i), c in zip(qs, truth[m])])
+        if m == 'cream-avg':
+            write_jsonl([dict(prompt_id=f'p{k}', current=cur[k].tolist(), previous=prev[k].tolist()) for k in range(5)], it/'rewards.jsonl')
+        else:   # a judge-like method: rewards.jsonl holds no previous ranking; the table's own implicit rewards are in compare/
+            write_jsonl([dict(prompt_id=f'p{k}', current=[1, 2, 3, 4], previous=None) for k in range(5)], it/'rewards.jsonl')
+            (it/'compare').mkdir(); write_jsonl([dict(prompt_id=f'p{k}', current=cur[k].tolist(), previous=prev[k].tolist()) for k in range(5)], it/'compare'/'rewards.jsonl')
+        write_json({'current': {'accuracy': 0.6 if m == 'dpo' else 0.75, 'pairs': 8}}, it/'reward_accuracy.json')
+        import datasets
+        ref_c, ref_r = [-10., -12., -9.], [-11., -10., -13.]
+        save_dataset(datasets.Dataset.from_dict(dict(prompt_id=['p0', 'p1', 'p2'], ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)), it/'pairs')
+        (it/'compare').mkdir(exist_ok=True)
+        write_json({'model': 'm2', 'chosen': [-9., -11.5, -9.], 'rejected': [-12., -10., -14.]}, it/'compare'/'pair_logps.json')
+    return root, qs, truth, {'cur': cur, 'prev': prev}
+
+def test_accuracy_cells_and_intervals(hand):
+    root, qs, truth, _ = hand
+    tab = C.compare_tables(root)
+    assert tab['methods'] == ['m1', 'dpo', 'cream-avg'] and tab['reference'] == 'cream-avg'
+    for m in ('dpo', 'cream-avg'):
+        cells = tab['accuracy'][m]['m2']
+        for t in ('arc_easy', 'gsm8k'):
+            v = [c for (tt, _), c in zip(qs, truth[m]) if tt == t]
+            assert (cells[t]['correct'], cells[t]['n']) == (sum(v), 12)
+            assert cells[t]['accuracy'] == pytest.approx(sum(v) / 12)
+            assert (cells[t]['low'], cells[t]['high']) == pytest.approx(proportion_confint(sum(v), 12, method='wilson'), abs=1e-12)
+        k = sum(truth[m])
+        assert cells['average']['accuracy'] == pytest.approx((cells['arc_easy']['accuracy'] + cells['gsm8k']['accuracy']) / 2)
+        assert (cells['average']['low'], cells['average']['high']) == pytest.approx(proportion_confint(k, 24, method='wilson'), abs=1e-12)
+    assert list(tab['accuracy']['m1']) == ['m1'] and list(tab['accuracy']['dpo']) == ['m1', 'm2']
+
+def test_mcnemar_against_statsmodels(hand):
+    root, qs, truth, _ = hand
+    tab = C.compare_tables(root)
+    a, b, m1 = (np.array(truth[k]) for k in ('dpo', 'cream-avg', 'm1'))
+    for x, y, got in [(a, b, tab['paired_tests']['dpo']['vs_reference']), (a, m1, tab['paired_tests']['dpo']['vs_m1']),
+                      (b, m1, tab['paired_tests']['cream-avg']['vs_m1'])]:
+        table = [[int((x & y).sum()), int((x & ~y).sum())], [int((~x & y).sum()), int((~x & ~y).sum())]]
+        assert (got['a_only'], got['b_only'], got['n']) == (table[0][1], table[1][0], 24)
+        assert got['p_value'] == pytest.approx(mcnemar(table, exact=True).pvalue, abs=1e-12)
+    assert tab['paired_tests']['cream-avg']['vs_reference'] is None and tab['paired_tests']['m1']['vs_m1'] is None
+
+def test_consistency_reward_accuracy_movement(hand):
+    root, _, _, r = hand
+    tab = json.loads(json.dumps(C.compare_tables(root)))
+    kt = [(kendalltau(r['cur'][k], r['prev'][k]).statistic + 1) / 2 for k in range(5)]
+    sp = [(spearmanr(r['cur'][k], r['prev'][k]).statistic + 1) / 2 for k in range(5)]
+    for m in ('dpo', 'cream-avg'):   # the judge-like method's table comes from compare/rewards.jsonl
+        c = tab['consistency'][m]['1']
+        assert c['kendall']['mean'] == pytest.approx(np.mean(kt)) and c['kendall']['std'] == pytest.approx(np.std(kt))
+        assert c['spearman']['mean'] == pytest.approx(np.mean(sp))
+    assert tab['reward_accuracy']['dpo']['1']['accuracy'] == 0.6
+    mv = tab['movement']['dpo']['1']
+    dc, dr = np.array([1., .5, 0.]), np.array([-1., 0., -1.])   # log pi_2 - log pi_1 on chosen / rejected, by hand
+    assert mv['mean_abs_logp_change'] == pytest.approx(np.abs(np.r_[dc, dr]).mean())
+    assert mv['margin_after'] == pytest.approx(0.1 * (dc - dr).mean())   # tiny's beta is the paper's 0.1
+    text = C.compare_text(tab)
+    assert 'cream-avg' in text and 'p=' in text and 'kendall' in text
+
+def test_empty_comparison_dir_says_what_to_do(tmp_path):
+    with pytest.raises(Exception, match='run `cream compare` first'): C.compare_tables(tmp_path)
+
+# ---------------------------------------------------------------- a real comparison on tiny
+
+def _starts(root:Path) -> dict:
+    out = {}
+    for m, d in C.compare_dirs(root).items():
+        for e in StageLog(d/'stages.jsonl').events():
+            if e['event'] == 'start': out[e['stage']] = out.get(e['stage'], 0) + 1
+    return out
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tinycmp')/'cmp'
+    tab = C.compare('tiny', ['m1', 'dpo', 'cream-avg'], root)
+    return root, tab
+
+@pytest.mark.slow
+def test_shared_stages_run_once(tiny):
+    root, tab = tiny
+    s = _starts(root)
+    assert s['sft'] == 1 and s['eval_m1'] == 1 and s['iter1/sample'] == 1      # shared by all three / both iterating methods
+    assert s['iter1/train'] == 2 and s['iter2/sample'] == 2                      # each method trains and samples its own M2
+    assert tab['methods'] == ['m1', 'dpo', 'cream-avg'] and set(tab['accuracy']['dpo']) == {'m1', 'm2', 'm3'}
+    # shared files are the same bytes (hard links) and the shared checkpoint is registered in each run
+    for m in ('dpo', 'cream-avg'):
+        assert (root/m/'iter1'/'samples.jsonl').read_bytes() == (root/'m1'/'..'/'dpo'/'iter1'/'samples.jsonl').read_bytes()
+        assert 'm1' in read_json(root/m/'checkpoints.json')
+
+@pytest.mark.slow
+def test_method_dirs_are_normal_resumable_runs_and_methods_add_later(tiny, capsys):
+    root, _ = tiny
+    before = _starts(root)
+    run = CreamRun(load_config(root/'dpo'/'config.json'), root/'dpo', progress=False)
+    run.run()                                   # resuming one method's run alone redoes nothing
+    assert _starts(root) == before
+    from cream_nb.cli import main
+    assert main(['compare', '--run-dir', str(root), '--methods', 'm1', 'dpo', 'cream-avg', 'oracle', '--quiet']) == 0
+    out = capsys.readouterr().out
+    after = _starts(root)
+    assert after['sft'] == 1 and after['iter1/sample'] == 1                    # oracle shared SFT, M1's eval, iteration 1's samples
+    assert after['iter1/train'] == 3 and after['iter1/score'] == 3
+    assert 'Accuracy, %' in out and 'oracle' in out and 'report: ' in out and (root/'report.html').exists()
+    assert main(['report', str(root)]) == 0 and 'Paired tests' in (root/'report.html').read_text()
+    assert main(['status', str(root/'oracle')]) == 0
+
+@pytest.mark.slow
+def test_pair_chooser_getters(tiny):
+    root, _ = tiny
+    pc = C.PairChooser(root)
+    rows = {r['method']: r for r in pc.rows()}    # (the test above may have added oracle)
+    assert list(rows)[0] == 'dpo' and list(rows)[-1] == 'cream-avg'
+    assert rows['dpo']['responses'] == rows['cream-avg']['responses']          # iteration 1: the same shared samples
+    for r in rows.values():
+        if r['chosen'] is not None: assert r['ranks'][r['chosen']] == 1 and r['ranks'][r['rejected']] == max(r['ranks'])
+    assert rows['cream-avg']['C_train'] == 'avg' and rows['dpo']['C_train'] == 1.0
+    pc.iteration.value = 2
+    assert pc.prompt.value in C.shared_prompts(root, 2) and '<b>dpo</b>' in pc.view.value
