@@ -202,7 +202,7 @@ def wilson_interval(
     if n == 0: return (0.0, 1.0)
     p = correct / n; den = 1 + z * z / n
     mid, half = (p + z * z / (2 * n)) / den, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
+    return (0.0 if correct == 0 else max(0.0, mid - half), 1.0 if correct == n else min(1.0, mid + half))
 
 try: from cream_nb.evaluate import accuracy_interval   # the evaluation notebook's, once it has one
 except ImportError: accuracy_interval = wilson_interval

@@ -247,3 +247,32 @@ def test_readme_rendered_from_index():
     assert "```\n('tiny', 0.2, 'dyn', 4)\n```" in text  # the example's real output
     assert 'nbdev 3 refuses to run beside one' in text and 'nbdev 2 no longer imports' in text
     assert "make run" in text and "make test" in text
+
+# ---------------------------------------------------------------- the committed comparison results and their page
+
+def test_committed_comparison_results_load():
+    "Every data/compare/*.json (tools/publish_compare.py) holds the tables, the command and the commit that made them."
+    from cream_nb.compare import compare_text
+    files = sorted((ROOT/'data'/'compare').glob('*.json'))
+    assert files, "no committed comparison under data/compare/: run `make run` and tools/publish_compare.py"
+    for f in files:
+        r = json.loads(f.read_text())
+        assert f.stem == r['preset'], f"{f.name} holds a {r['preset']!r} comparison: name the file after its preset"
+        assert re.fullmatch(r'[0-9a-f]{40}', r['commit']) and r['command'] and r['wall_seconds'] > 0
+        tab = r['tables']
+        assert tab['methods'] and 'm1' in tab['accuracy'][tab['methods'][0]], f.name
+        for m, models in tab['accuracy'].items():
+            for k, cells in models.items():
+                for t, c in cells.items(): assert c['low'] - 1e-12 <= c['accuracy'] <= c['high'] + 1e-12 or t == 'average', (f.name, m, k, t)
+        text = compare_text(tab)
+        assert 'Accuracy, %' in text and 'Paired tests' in text and 'kendall' in text
+        assert f.stat().st_size < 200_000, f"{f.name} is {f.stat().st_size} bytes: keep committed results small"
+
+@pytest.mark.slow
+def test_comparison_page_renders(site):
+    page = site/'tutorials'/'comparison.html'
+    s, text = page.read_text(encoding='utf-8'), text_of(page)
+    assert s.count('Plotly.newPlot') >= 2                         # accuracy per task and consistency, drawn statically
+    for h in ('Table 1: accuracy per task, with 95% intervals', 'Paired tests', 'Where the time went'):
+        assert h in text, h
+    assert 'Accuracy, % [95% Wilson interval]' in text and 'McNemar' in text

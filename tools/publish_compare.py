@@ -1,0 +1,45 @@
+"""Copy a finished comparison's tables into a small committed JSON that the docs page nbs/tutorials/02_comparison.ipynb plots.
+
+    python tools/publish_compare.py runs/compare data/compare/cpu-demo.json --command "make run"
+
+Records the command, the commit (and whether the tree had uncommitted changes), the machine, the wall time (first stage
+start to last stage end over every method's stage log) and each stage's seconds, beside compare.json's tables."""
+import argparse, json, os, platform, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+def _git(*a) -> str:
+    return subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+def publish(run_dir:Path, out:Path, command:str) -> dict:
+    from cream_nb.compare import compare_dirs, write_tables
+    from cream_nb.loop import StageLog
+    tab = write_tables(run_dir)
+    events = [e for d in compare_dirs(run_dir).values() for e in StageLog(d/'stages.jsonl').events()]
+    if not events: raise SystemExit(f"{run_dir}: no stage log; run the comparison first")
+    stages = {}
+    for m, d in compare_dirs(run_dir).items():
+        for e in StageLog(d/'stages.jsonl').events():
+            if e['event'] == 'done': stages.setdefault(m, {})[e['stage']] = round(e['seconds'], 1)
+            if e['event'] == 'shared': stages.setdefault(m, {})[e['stage']] = 'shared'
+    cfg = json.loads((run_dir/'compare_config.json').read_text()) if (run_dir/'compare_config.json').exists() else {}
+    rec = {'preset': cfg.get('preset'), 'command': command, 'commit': _git('rev-parse', 'HEAD'),
+           'uncommitted_changes': bool(_git('status', '--porcelain', '--untracked-files=no')),
+           'made': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(max(e['time'] for e in events))),
+           'machine': f"{platform.machine()}, {os.cpu_count()} CPUs visible, torch threads from OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+           'wall_seconds': round(max(e['time'] for e in events) - min(e['time'] for e in events)),
+           'stage_seconds': stages, 'config': cfg, 'tables': tab}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=1, sort_keys=False) + "\n")
+    return rec
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('run_dir', type=Path); p.add_argument('out', type=Path)
+    p.add_argument('--command', default='make run', help="the command that made the comparison")
+    a = p.parse_args()
+    r = publish(a.run_dir, a.out, a.command)
+    print(f"{a.out}: {r['preset']} comparison of {', '.join(r['tables']['methods'])}, {r['wall_seconds']} s, commit {r['commit'][:10]}"
+          f"{' (with uncommitted changes)' if r['uncommitted_changes'] else ''}; {a.out.stat().st_size // 1024} KB")
