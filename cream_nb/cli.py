@@ -18,14 +18,14 @@ __all__ = ['add_compare_parser', 'build_parser', 'resolve_config', 'summary_tabl
 # %% ../nbs/12_cli.ipynb #1670c0e0
 def add_compare_parser(sub):
     "The `cream compare` sub-command: every method of a comparison on one config and seed."
-    from cream_nb.compare import COMPARE_METHODS, DEFAULT_METHODS
+    from cream_nb.compare import comparison_methods, describe_method, DEFAULT_METHODS
     c = sub.add_parser('compare', help="run several methods (M1, SRLM, DPO, Oracle, CREAM) on one config and compare them")
     src = c.add_mutually_exclusive_group()
     src.add_argument('--preset', choices=list(PRESETS), help="a preset config (default: cpu-demo)")
     src.add_argument('--config', type=Path, help="a JSON config file")
     c.add_argument('--run-dir', type=Path, default=Path('runs/compare'), help="one sub-directory per method; rerun to resume or add methods")
-    c.add_argument('--methods', nargs='+', choices=list(COMPARE_METHODS), default=list(DEFAULT_METHODS),
-                   help="; ".join(f"{k}: {v['help']}" for k, v in COMPARE_METHODS.items()))
+    c.add_argument('--methods', nargs='+', choices=list(comparison_methods()), default=list(DEFAULT_METHODS),
+                   help="; ".join(f"{k}: {describe_method(k)}" for k in comparison_methods()))
     c.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.FIELD=VALUE', help="override a config field (repeatable)")
     c.add_argument('--iterations', type=int, help="T, self-rewarding iterations (loop.iterations)")
     c.add_argument('--reference', default='cream-avg', help="the method every other one is tested against (McNemar)")

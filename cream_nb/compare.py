@@ -15,31 +15,36 @@ from .io import read_json, read_jsonl, write_json, write_jsonl, load_dataset_dir
 from . import loop as L
 
 # %% auto #0
-__all__ = ['COMPARE_METHODS', 'DEFAULT_METHODS', 'method_config', 'StageCache', 'using_cache', 'compare', 'model_fingerprint',
-           'analyse_run', 'wilson_interval', 'mcnemar_exact', 'method_models', 'predictions', 'accuracy_cells',
-           'paired_tests', 'consistency_table', 'movement_table', 'reward_accuracy_table', 'compare_dirs',
-           'compare_tables', 'write_tables', 'accuracy_text', 'tests_text', 'consistency_text', 'compare_text',
-           'accuracy_by_method_figure', 'consistency_by_method_figure', 'compare_figures', 'pair_choices',
-           'shared_prompts', 'pair_choices_html', 'PairChooser', 'compare_report_html', 'is_comparison']
+__all__ = ['COMPARE_METHODS', 'DEFAULT_METHODS', 'comparison_methods', 'describe_method', 'method_config', 'StageCache',
+           'using_cache', 'compare', 'analyse_run', 'wilson_interval', 'mcnemar_exact', 'method_models', 'predictions',
+           'accuracy_cells', 'paired_tests', 'consistency_table', 'movement_table', 'reward_accuracy_table',
+           'compare_dirs', 'compare_tables', 'write_tables', 'accuracy_text', 'tests_text', 'consistency_text',
+           'compare_text', 'accuracy_by_method_figure', 'consistency_by_method_figure', 'compare_figures',
+           'pair_choices', 'shared_prompts', 'pair_choices_html', 'PairChooser', 'compare_report_html', 'is_comparison']
 
-# %% ../nbs/13_compare.ipynb #acd4e472
-COMPARE_METHODS = {
-    'm1':        dict(method=None,     overrides=[], help="SFT only: M1, the model every method starts from"),
-    'srlm':      dict(method='srlm',   overrides=[], help="Self-Rewarding LM: LLM-as-a-judge rewards, plain DPO"),
-    'dpo':       dict(method='dpo',    overrides=[], help="iterative DPO on the implicit reward, no regularisation (C = 1)"),
-    'oracle':    dict(method='oracle', overrides=[], help="gold-answer reward (an upper bound on the reward), plain DPO"),
-    'cream-avg': dict(method='cream',  overrides=['consistency.mode="avg"'], help="CREAM, every pair weighted by the set-level rate C"),
-    'cream-dyn': dict(method='cream',  overrides=['consistency.mode="dyn"'], help="CREAM, each pair weighted by its prompt's rate c_x"),
-}
+# %% ../nbs/13_compare.ipynb #7896f910
+from .methods import get_method, method_names
+
+COMPARE_METHODS = {   # comparison name -> (registered method, or None for SFT only; config overrides)
+    'm1': (None, []), 'srlm': ('srlm', []), 'dpo': ('dpo', []), 'oracle': ('oracle', []),
+    'cream-avg': ('cream', ['consistency.mode="avg"']), 'cream-dyn': ('cream', ['consistency.mode="dyn"'])}
 DEFAULT_METHODS = tuple(COMPARE_METHODS)
 
+def comparison_methods() -> dict:
+    "Every name `compare` takes -> (registered method or None, overrides): the table above, then any other registered method."
+    return {**COMPARE_METHODS, **{n: (n, []) for n in method_names() if n not in COMPARE_METHODS}}
+
+def describe_method(name:str) -> str:
+    "One line for --help and the report: the registered method's description and the overrides."
+    m, ov = comparison_methods()[name]
+    return "SFT only: M1, the model every method starts from" if m is None else get_method(m).description + (f" [{', '.join(ov)}]" if ov else '')
+
 def method_config(cfg:CreamConfig, name:str) -> CreamConfig:
-    "The config of comparison method `name`: `cfg` with the method's loop method and overrides."
-    if name not in COMPARE_METHODS:
-        raise ConfigError(f"unknown comparison method {name!r}: choose from {', '.join(COMPARE_METHODS)}")
-    spec = COMPARE_METHODS[name]
-    ov = list(spec['overrides']) + ([f'loop.method="{spec["method"]}"'] if spec['method'] else [])
-    return apply_overrides(cfg, ov)
+    "The config of comparison method `name`: `cfg` with the method's `loop.method` and overrides."
+    if name not in comparison_methods():
+        raise ConfigError(f"unknown comparison method {name!r}: choose from {', '.join(comparison_methods())}")
+    m, ov = comparison_methods()[name]
+    return apply_overrides(cfg, list(ov) + ([f'loop.method="{m}"'] if m else []))
 
 # %% ../nbs/13_compare.ipynb #eb96322d
 _NOT_OUTPUTS = ('stages.jsonl', 'checkpoints.json', 'config.json', 'summary.json', 'report.html', 'compare')
@@ -57,7 +62,10 @@ def _link_tree(src:Path, dst:Path):
 
 class StageCache:
     "Outputs of finished stages by fingerprint, in `root` (e.g. `RUN_DIR/_shared`), for runs that reach the same stage."
-    def __init__(self, root): self.root, self._before = Path(root), {}
+    def __init__(self,
+                 root, # the cache folder, shared by every run of a comparison
+                 registry=None): # the current run's CheckpointRegistry (restored checkpoints are registered through it)
+        self.root, self.registry, self._before = Path(root), registry, {}
     def entry(self, name:str, fp:str) -> Path: return self.root/f"{name.replace('/', '-')}-{fp}"
     def __repr__(self): return f"StageCache({self.root}, {len(list(self.root.glob('*/entry.json'))) if self.root.exists() else 0} stages)"
 
@@ -66,7 +74,7 @@ def _registry(run_dir:Path) -> dict:
     f = run_dir/'checkpoints.json'
     return read_json(f) if f.exists() else {}
 
-def _restore(self:StageCache, name:str, marker:Path, fp:str, cfg:dict, log:L.StageLog, registry=None) -> bool:
+def _restore(self:StageCache, name:str, marker:Path, fp:str, cfg:dict, log:L.StageLog) -> bool:
     "Link a cached stage with fingerprint `fp` into place and mark it done; False (after a snapshot) when none is cached."
     marker, run_dir, e = Path(marker), Path(log.path).parent, self.entry(name, fp)
     if not (e/'entry.json').exists():
@@ -76,7 +84,7 @@ def _restore(self:StageCache, name:str, marker:Path, fp:str, cfg:dict, log:L.Sta
     for rel in meta['files']: _link_tree(e/'files'/rel, marker.parent/rel)
     for ck, v in meta['checkpoints'].items():  # through the run's registry object, so its in-memory copy stays current
         from cream_nb.models import CheckpointRegistry
-        reg = registry if registry is not None else CheckpointRegistry(run_dir)
+        reg = self.registry if self.registry is not None else CheckpointRegistry(run_dir)
         reg.register(ck, run_dir/v['path'] if v.get('relative') else v['path'], v['reference'])
     write_json({'stage': name, 'fingerprint': fp, 'config': cfg, 'seconds': 0.0, 'finished': time.time(),
                 'shared_from': meta['from']}, marker)
@@ -101,27 +109,20 @@ def _store(self:StageCache, name:str, marker:Path, fp:str, outputs:list, log:L.S
     return e
 StageCache.store = _store
 
-# %% ../nbs/13_compare.ipynb #6492dde9
+# %% ../nbs/13_compare.ipynb #04f7e7fe
 import contextlib
 
 @contextlib.contextmanager
-def using_cache(cache:StageCache, registry=None):
-    "Within the block, every stage `cream_nb.loop` runs is restored from / stored into `cache`."
-    orig = L.run_stage
-    def run_stage(name, marker, fp, cfg, outputs, fn, log, force=False, load=None):
-        if Path(marker).exists() or not cache.restore(name, marker, fp, cfg, log, registry):
-            res = orig(name, marker, fp, cfg, outputs, fn, log, force, load)
-            cache.store(name, marker, fp, outputs, log)
-            return res
-        return load() if load else None
-    L.run_stage = run_stage
+def using_cache(cache:StageCache):
+    "Within the block, every stage `cream_nb.loop.run_stage` runs is restored from / stored into `cache`."
+    token = L.STAGE_CACHE.set(cache)
     try: yield cache
-    finally: L.run_stage = orig
+    finally: L.STAGE_CACHE.reset(token)
 
 # %% ../nbs/13_compare.ipynb #68fff03a
 def compare(
     config, # a CreamConfig, a preset name or a JSON config path: the settings every method shares
-    methods=DEFAULT_METHODS, # names from COMPARE_METHODS
+    methods=DEFAULT_METHODS, # names from `comparison_methods()`
     run_dir='runs/compare', # one sub-directory per method, `_shared/` for the stage cache
     force:bool=False, # redo finished stages whose settings changed
     progress:bool=False, # progress bars
@@ -132,65 +133,34 @@ def compare(
     cfg, run_dir = L._as_config(config), Path(run_dir)
     for m in methods: method_config(cfg, m)               # every name checked before anything runs
     run_dir.mkdir(parents=True, exist_ok=True); save_config(cfg, run_dir/'compare_config.json')
-    cache = StageCache(run_dir/'_shared')
     for m in methods:
         run = L.CreamRun(method_config(cfg, m), run_dir/m, force=force, progress=progress)
-        with using_cache(cache, run.registry):
+        with using_cache(StageCache(run_dir/'_shared', run.registry)):
             if m == 'm1': run.sft(); run.evaluate_m1(); run.summary()
             else: run.run()
-        if analyse: analyse_run(run, cache)
+            if analyse: analyse_run(run)
         del run
     return write_tables(run_dir, reference)
 
-# %% ../nbs/13_compare.ipynb #dbd88881
-def model_fingerprint(run_dir, name:str) -> str:
-    "The fingerprint of checkpoint `name` of a run, read from its markers (no model loaded)."
-    run_dir = Path(run_dir)
-    if name == 'm0': return L.fingerprint('m0', L._section(L.load_config(run_dir/'config.json'), 'model'))
-    k = int(name[1:])
-    m = run_dir/'_stage_sft.json' if k == 1 else run_dir/f'iter{k-1}'/'_stage_train.json'
-    return read_json(m)['fingerprint']
-
-def _samples_key(samples:list) -> str:
-    return L.fingerprint([(s['prompt_id'], s['responses']) for s in samples])
-
-# %% ../nbs/13_compare.ipynb #adec8a94
-def _cached_logps(run, cache:StageCache, t:int, names:list) -> dict:
-    "Log-probs of `names` on iteration t's samples of `run`, from any file with the same checkpoint and samples, else computed."
-    from cream_nb import rewards as R
-    d = run.run_dir/f'iter{t}'; out_dir = d/'compare'; out_dir.mkdir(exist_ok=True)
-    samples, prompts = read_jsonl(d/'samples.jsonl'), read_jsonl(d/'prompts.jsonl')
-    key = _samples_key(samples)
-    for n in names:
-        shared = cache.root/'logps'/f'{model_fingerprint(run.run_dir, n)}-{key}.jsonl'
-        for src in (d/f'logps_{n}.jsonl', shared):
-            if not (out_dir/f'logps_{n}.jsonl').exists() and src.exists(): _link_tree(src, out_dir/f'logps_{n}.jsonl')
-    res = R.iteration_logps(None, run.tokenizer, t, prompts, samples, out_dir, batch_size=run.cfg.reward.batch_size,
-                            names=names, switch=run.model)
-    for n in names:
-        shared = cache.root/'logps'/f'{model_fingerprint(run.run_dir, n)}-{key}.jsonl'
-        if not shared.exists(): _link_tree(out_dir/f'logps_{n}.jsonl', shared)
-    return res
-
 # %% ../nbs/13_compare.ipynb #05c4c147
-def analyse_run(run, cache:StageCache):
+def analyse_run(run):
     "For each finished iteration: implicit rewards of M_t and M_{t-1} (`compare/rewards.jsonl`) and log pi_{t+1} on the pairs."
     from cream_nb import rewards as R
+    from cream_nb.methods import implicit_models
     for t in range(1, run.cfg.loop.iterations + 1):
-        d = run.run_dir/f'iter{t}'
+        it = run.iteration(t); d = it.dir
         if not (d/'_stage_evaluate.json').exists(): break
+        (d/'compare').mkdir(exist_ok=True)
         if not (d/'compare'/'rewards.jsonl').exists():
-            rw = R.iteration_rewards(_cached_logps(run, cache, t, R.scored_models(t)), t)
+            rw = R.iteration_rewards({n: it._logps(n) for n in implicit_models(t)}, t)
             write_jsonl([{'prompt_id': k, **v} for k, v in rw.items()], d/'compare'/'rewards.jsonl')
         if not (d/'compare'/'pair_logps.json').exists():
-            pairs = load_dataset_dir(d/'pairs')
-            lp = []
+            pairs, lp = it.pairs_dataset(), []
             if len(pairs):
                 with run.model(f'm{t+1}') as m:
                     lp = R.sequence_logps(m, run.tokenizer, list(pairs['prompt']) * 2, list(pairs['chosen']) + list(pairs['rejected']),
                                           batch_size=run.cfg.reward.batch_size)[0].tolist()
-            n = len(pairs)
-            write_json({'model': f'm{t+1}', 'chosen': lp[:n], 'rejected': lp[n:]}, d/'compare'/'pair_logps.json')
+            write_json({'model': f'm{t+1}', 'chosen': lp[:len(pairs)], 'rejected': lp[len(pairs):]}, d/'compare'/'pair_logps.json')
 
 # %% ../nbs/13_compare.ipynb #401fb918
 def wilson_interval(

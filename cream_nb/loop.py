@@ -6,7 +6,7 @@ Docs: https://cream-nb.github.io/cream_nb/loop.html.md"""
 
 # %% ../nbs/10_loop.ipynb #778846f0
 from __future__ import annotations
-import contextlib, hashlib, json, logging, os, shutil, statistics, time, warnings
+import contextlib, contextvars, hashlib, json, logging, os, shutil, statistics, time, warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +24,8 @@ logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
 warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.*is deprecated')
 
 # %% auto #0
-__all__ = ['log', 'NEUTRAL_DEFAULTS', 'STAGES', 'fingerprint', 'StageMismatch', 'StageLog', 'run_stage', 'CreamRun', 'Iteration',
-           'run_summary']
+__all__ = ['log', 'STAGE_CACHE', 'NEUTRAL_DEFAULTS', 'STAGES', 'fingerprint', 'StageMismatch', 'StageLog', 'run_stage',
+           'CreamRun', 'Iteration', 'run_summary']
 
 # %% ../nbs/10_loop.ipynb #2630aa36
 def fingerprint(*parts) -> str:
@@ -61,6 +61,8 @@ class StageLog:
         return out
 
 # %% ../nbs/10_loop.ipynb #44393230
+STAGE_CACHE = contextvars.ContextVar('STAGE_CACHE', default=None)  # a cache of finished stages by fingerprint (cream_nb.compare)
+
 def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable, log:StageLog,
               force:bool=False, load:Callable|None=None):
     "Run `fn()` unless `marker` says it already ran with fingerprint `fp`; returns `fn()`'s or `load()`'s result."
@@ -84,12 +86,15 @@ def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable
         o = Path(o)
         if o.is_dir(): shutil.rmtree(o)
         elif o.exists(): o.unlink()
+    cache = STAGE_CACHE.get()   # another run already made this fingerprint: link its outputs in instead of running
+    if cache is not None and cache.restore(name, marker, fp, cfg, log): return load() if load else None
     log.add(name, 'start')
     t0 = time.time()
     result = fn()
     secs = time.time() - t0
     write_json({'stage': name, 'fingerprint': fp, 'config': cfg, 'seconds': secs, 'finished': time.time()}, marker)
     log.add(name, 'done', seconds=secs)
+    if cache is not None: cache.store(name, marker, fp, outputs, log)
     return result
 
 # %% ../nbs/10_loop.ipynb #da02eddc
@@ -200,6 +205,8 @@ def _fresh_adapter(self:CreamRun, name:str, init_from:str|None):
     "Create adapter `name` on the base (replacing a stale one from a forced redo) and make it active."
     from cream_nb.models import add_adapter
     from transformers import set_seed
+    if init_from is not None and init_from not in getattr(self.base, 'peft_config', {}):
+        with self.model(init_from): pass   # the first stage of this process (resumed, or linked by a StageCache) never loaded it
     base = self.base
     set_seed(self.cfg.loop.seed + int(name[1:]))  # LoRA's random init: the same in every process
     if name in getattr(base, 'peft_config', {}): base.delete_adapter(name)
@@ -335,6 +342,21 @@ def sample(self:Iteration) -> list[dict]:
         return samples
     return self._stage('sample', fp, conf, [self.dir/'samples.jsonl'], make, self.samples)
 
+# %% ../nbs/10_loop.ipynb #aed669d8
+@patch
+def _logps(self:Iteration, name:str) -> dict:
+    "Log-probs of checkpoint `name` on this iteration's samples: a stage keyed by the samples' and the checkpoint's fingerprints."
+    from cream_nb import rewards as R
+    path = self.dir/f'logps_{name}.jsonl'
+    def make():
+        return R.iteration_logps(None, self.run.tokenizer, self.t, self.prompts(), self.samples(), self.dir, names=[name],
+                                 batch_size=self.cfg.reward.batch_size, progress=self.run.progress, switch=self.run.model)[name]
+    def load():
+        res = R._cached_logps(path, self.samples())
+        if res is None: raise ArtifactError(f"{path} does not match {self.dir/'samples.jsonl'}; rerun with --force to score again")
+        return res
+    return self._stage(f'logps_{name}', fingerprint('logps', self.fp('sample'), self.run.fp_model(name)), {}, [path], make, load)
+
 # %% ../nbs/10_loop.ipynb #41057717
 @patch
 def score(self:Iteration) -> list[dict]:
@@ -346,6 +368,7 @@ def score(self:Iteration) -> list[dict]:
     def make():
         ctx = ScoreContext(self.t, self.cfg, self.prompts(), self.samples(), model=self.run.model,
                            tokenizer=self.run.tokenizer, progress=self.run.progress)
+        for n in self._models_scored(): self._logps(n)   # each model's log-probs a stage of its own: shareable by fingerprint
         ctx.logps = R.iteration_logps(None, self.run.tokenizer, self.t, ctx.prompts, ctx.samples, self.dir,
                                       batch_size=self.cfg.reward.batch_size, progress=self.run.progress,
                                       names=self._models_scored(), switch=self.run.model)

@@ -116,6 +116,7 @@ def test_shared_stages_run_once(tiny):
     root, tab = tiny
     s = _starts(root)
     assert s['sft'] == 1 and s['eval_m1'] == 1 and s['iter1/sample'] == 1      # shared by all three / both iterating methods
+    assert s['iter1/logps_m1'] == 1 and s['iter1/logps_m0'] == 1                # M1's and M0's log-probs on those samples
     assert s['iter1/train'] == 2 and s['iter2/sample'] == 2                      # each method trains and samples its own M2
     assert tab['methods'] == ['m1', 'dpo', 'cream-avg'] and set(tab['accuracy']['dpo']) == {'m1', 'm2', 'm3'}
     # shared files are the same bytes (hard links) and the shared checkpoint is registered in each run
@@ -135,7 +136,7 @@ def test_method_dirs_are_normal_resumable_runs_and_methods_add_later(tiny, capsy
     out = capsys.readouterr().out
     after = _starts(root)
     assert after['sft'] == 1 and after['iter1/sample'] == 1                    # oracle shared SFT, M1's eval, iteration 1's samples
-    assert after['iter1/train'] == 3 and after['iter1/score'] == 3
+    assert after['iter1/train'] == 3 and after['iter1/score'] == 3 and after['iter1/logps_m1'] == 1   # oracle's reference log-probs too
     assert 'Accuracy, %' in out and 'oracle' in out and 'report: ' in out and (root/'report.html').exists()
     assert main(['report', str(root)]) == 0 and 'Paired tests' in (root/'report.html').read_text()
     assert main(['status', str(root/'oracle')]) == 0
