@@ -316,8 +316,12 @@ def _grid(head:list, rows:list) -> str:
 def accuracy_text(tab:dict) -> str:
     "Table 1: accuracy % [95% interval] per task and average, one row per method and model."
     tasks = sorted({t for m in tab['accuracy'].values() for cells in m.values() for t in cells if t != 'average'})
-    rows = [[meth, model] + [_pct(cells.get(t)) for t in tasks + ['average']]
-            for meth, models in tab['accuracy'].items() for model, cells in models.items()]
+    rows, seen_m1 = [], False
+    for meth, models in tab['accuracy'].items():
+        for model, cells in models.items():
+            if model == 'm1' and seen_m1: continue      # every method starts from the same (shared) M1: shown once
+            seen_m1 |= model == 'm1'
+            rows.append([meth if model != 'm1' else 'all (SFT)', model] + [_pct(cells.get(t)) for t in tasks + ['average']])
     n = next((c['n'] for m in tab['accuracy'].values() for cells in m.values() for t, c in cells.items() if t != 'average'), '?')
     return f"Accuracy, % [95% Wilson interval], {n} questions per task\n" + _grid(['method', 'model'] + tasks + ['average'], rows)
 
@@ -358,14 +362,19 @@ def accuracy_by_method_figure(tab:dict) -> go.Figure:
     "One panel per task and the average: accuracy of M1, M2, ... for every method, with 95% intervals."
     tasks = sorted({t for m in tab['accuracy'].values() for c in m.values() for t in c if t != 'average'}) + ['average']
     fig = make_subplots(rows=2, cols=3, subplot_titles=tasks, shared_yaxes=True)
+    ms = list(tab['accuracy'])
     for i, t in enumerate(tasks):
-        for m, models in tab['accuracy'].items():
+        for j, (m, models) in enumerate(tab['accuracy'].items()):
             cs = [(k, c[t]) for k, c in models.items() if t in c]
-            fig.add_trace(go.Scatter(x=[k for k, _ in cs], y=[c['accuracy'] for _, c in cs], name=m, legendgroup=m, showlegend=i == 0,
+            dx = (j - (len(ms) - 1) / 2) * 0.05    # side by side, so equal accuracies and their intervals stay visible
+            fig.add_trace(go.Scatter(x=[int(k[1:]) + dx for k, _ in cs], y=[c['accuracy'] for _, c in cs], name=m, legendgroup=m, showlegend=i == 0,
+                                     text=[k for k, _ in cs], hovertemplate='%{text}: %{y:.3f}',
                                      mode='lines+markers', line=dict(color=_COLORS.get(m)),
                                      error_y=dict(type='data', symmetric=False, array=[c['high'] - c['accuracy'] for _, c in cs],
                                                   arrayminus=[c['accuracy'] - c['low'] for _, c in cs], thickness=1)),
                           row=i // 3 + 1, col=i % 3 + 1)
+    ks = sorted({int(k[1:]) for m in tab['accuracy'].values() for k in m})
+    fig.update_xaxes(tickvals=ks, ticktext=[f'M{k}' for k in ks])
     fig.update_yaxes(range=[0, 1]); fig.update_layout(title='Accuracy per task and model (95% Wilson intervals)', height=600, **_LAYOUT)
     return fig
 
@@ -374,12 +383,15 @@ def consistency_by_method_figure(tab:dict) -> go.Figure:
     "Kendall, Spearman and top-order consistency of M_t's and M_{t-1}'s rankings per iteration, every method (± std over prompts)."
     fig = make_subplots(rows=1, cols=3, subplot_titles=['Kendall (τ+1)/2', 'Spearman (ρ+1)/2', 'top-order'], shared_yaxes=True)
     for j, k in enumerate(('kendall', 'spearman', 'toporder')):
-        for m, its in tab['consistency'].items():
+        for i, (m, its) in enumerate(tab['consistency'].items()):
             if not its: continue
-            fig.add_trace(go.Scatter(x=[f'iter {t}' for t in its], y=[c[k]['mean'] for c in its.values()], name=m, legendgroup=m,
+            dx = (i - (len(tab['consistency']) - 1) / 2) * 0.04
+            fig.add_trace(go.Scatter(x=[int(t) + dx for t in its], y=[c[k]['mean'] for c in its.values()], name=m, legendgroup=m,
                                      showlegend=j == 0, mode='lines+markers', line=dict(color=_COLORS.get(m)),
                                      error_y=dict(type='data', array=[c[k]['std'] for c in its.values()], thickness=1)),
                           row=1, col=j + 1)
+    ts = sorted({int(t) for its in tab['consistency'].values() for t in its})
+    fig.update_xaxes(tickvals=ts, ticktext=[f'iteration {t}' for t in ts])
     fig.update_yaxes(range=[0, 1]); fig.update_layout(title='Ranking consistency between consecutive models', height=380, **_LAYOUT)
     return fig
 
