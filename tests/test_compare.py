@@ -132,21 +132,27 @@ def test_method_dirs_are_normal_resumable_runs_and_methods_add_later(tiny, capsy
     run.run()                                   # resuming one method's run alone redoes nothing
     assert _starts(root) == before
     from cream_nb.cli import main
-    assert main(['compare', '--run-dir', str(root), '--methods', 'm1', 'dpo', 'cream-avg', 'oracle', '--quiet']) == 0
+    assert main(['compare', '--run-dir', str(root), '--methods', 'm1', 'dpo', 'cream-avg', 'oracle', 'srlm', 'cream-dyn', '--quiet']) == 0
     out = capsys.readouterr().out
     after = _starts(root)
-    assert after['sft'] == 1 and after['iter1/sample'] == 1                    # oracle shared SFT, M1's eval, iteration 1's samples
-    assert after['iter1/train'] == 3 and after['iter1/score'] == 3 and after['iter1/logps_m1'] == 1   # oracle's reference log-probs too
+    assert after['sft'] == 1 and after['iter1/sample'] == 1                    # the new methods shared SFT, M1's eval, iteration 1's samples
+    assert after['iter1/logps_m1'] == 1 and after['iter1/logps_m0'] == 1       # and M1's / M0's log-probs on them (SRLM's table too)
+    assert after['iter1/score'] == 4           # cream-dyn's iteration-1 rewards are cream-avg's (same fingerprint); its training is its own
+    assert after['iter1/train'] == 5 and after['iter1/consistency'] == 5
+    for m in ('srlm', 'oracle'):   # their consistency table comes from the implicit rewards computed for it
+        assert (root/m/'iter1'/'compare'/'rewards.jsonl').exists() and (root/m/'iter2'/'compare'/'rewards.jsonl').exists()
     assert 'Accuracy, %' in out and 'oracle' in out and 'report: ' in out and (root/'report.html').exists()
     assert main(['report', str(root)]) == 0 and 'Paired tests' in (root/'report.html').read_text()
     assert main(['status', str(root/'oracle')]) == 0
+    tab = read_json(root/'compare.json')
+    assert tab['methods'] == ['m1', 'srlm', 'dpo', 'oracle', 'cream-avg', 'cream-dyn'] and set(tab['consistency']['srlm']) == {'1', '2'}
 
 @pytest.mark.slow
 def test_pair_chooser_getters(tiny):
     root, _ = tiny
     pc = C.PairChooser(root)
-    rows = {r['method']: r for r in pc.rows()}    # (the test above may have added oracle)
-    assert list(rows)[0] == 'dpo' and list(rows)[-1] == 'cream-avg'
+    rows = {r['method']: r for r in pc.rows()}    # (the test above may have added methods)
+    assert {'dpo', 'cream-avg'} <= set(rows) and list(rows) == [m for m in C.compare_dirs(root) if m in rows]
     assert rows['dpo']['responses'] == rows['cream-avg']['responses']          # iteration 1: the same shared samples
     for r in rows.values():
         if r['chosen'] is not None: assert r['ranks'][r['chosen']] == 1 and r['ranks'][r['rejected']] == max(r['ranks'])
