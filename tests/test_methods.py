@@ -213,7 +213,8 @@ def test_each_method_runs_one_iteration(tiny_run, tmp_path, case):
     d_full, _ = tiny_run
     d = tmp_path/case
     _copy_sft(d_full, d)
-    run = CreamRun(apply_overrides(preset('tiny'), ['loop.iterations=1'] + CASES[case]), d, progress=False)
+    cfg = apply_overrides(preset('tiny'), ['loop.iterations=1'] + CASES[case])
+    run = CreamRun(cfg, d, progress=False)
     s = run.run()
     events = {(e['stage'], e['event']) for e in run.log.events()}
     assert ('sft', 'skip') in events and ('sft', 'start') not in events
@@ -236,6 +237,9 @@ def test_each_method_runs_one_iteration(tiny_run, tmp_path, case):
     if len(pairs):
         assert it['pairs']['mean_chosen_tokens'] == pytest.approx(np.mean([lens[p][i] for p, i in zip(pairs['prompt_id'], pairs['chosen_index'])]))
         assert it['pairs']['mean_rejected_tokens'] == pytest.approx(np.mean([lens[p][i] for p, i in zip(pairs['prompt_id'], pairs['rejected_index'])]))
+    # the inspectors label the rewards as the method (and its length control) names them
+    from cream_nb.inspect import prompt_view
+    assert prompt_view(d, 1, rw[0]['prompt_id'])['reward_names'] == M.method_for(cfg).reward_names(1)
     lc = it_dir/'length_control.json'
     assert lc.exists() == (case in ('cream-lc', 'dpo+dice'))
     if lc.exists():   # rewards.jsonl holds r - alpha*|y|, r recomputed here from the stored log-probs
