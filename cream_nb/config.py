@@ -177,7 +177,7 @@ def __getattr__(name):
 @dataclass
 class LoopConfig:
     "The iteration runner."
-    method: str = _f('cream', "a registered method (cream_nb.methods): 'cream', 'srlm' (LLM-as-a-judge + DPO), 'dpo' (implicit reward, no regularisation), 'oracle' (gold-answer reward), ...")
+    method: str = _f('cream', "a registered method (cream_nb.methods): 'cream', 'srlm' (LLM-as-a-judge + DPO), 'dpo' (implicit reward, no regularisation), 'oracle' (gold-answer reward), 'cream-lc' (CREAM with DICE's length control), or one registered since")
     iterations: int = _f(2, "T, self-rewarding iterations after SFT (paper: 2, giving M2 and M3)")
     seed: int = _f(42, "global seed (torch, numpy, python)")
     def __post_init__(self):
