@@ -16,8 +16,8 @@ from .sampling import chat_prompt_ids, sample_responses, _prompt_rows
 
 # %% auto #0
 __all__ = ['JUDGE_TEMPLATE', 'build_sequence', 'selective_log_softmax', 'sequence_logps', 'implicit_reward',
-           'normalized_likelihood', 'score_samples', 'scored_models', 'iteration_logps', 'iteration_rewards',
-           'judge_prompt', 'parse_judge_score', 'judge_rewards', 'oracle_rewards']
+           'normalized_likelihood', 'paper_label_counts', 'score_samples', 'scored_models', 'iteration_logps',
+           'iteration_rewards', 'judge_prompt', 'parse_judge_score', 'judge_rewards', 'oracle_rewards']
 
 # %% ../nbs/05_rewards.ipynb #04c93402
 def build_sequence(
@@ -113,6 +113,21 @@ def normalized_likelihood(
     if (n <= 0).any(): raise ValueError(f"token counts must be >= 1, got {n.tolist()}")
     return lp / n
 
+# %% ../nbs/05_rewards.ipynb #faa7eef2
+def _template_ids(tokenizer, messages) -> list:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    return list(ids['input_ids'] if hasattr(ids, 'keys') else ids)
+
+def paper_label_counts(
+    tokenizer, # the chat tokenizer (its pad token matters: label tokens equal to it are not counted)
+    messages:list, # the prompt turns
+    responses:list, # the responses to it
+)->list: # [int] per response: the tokens Raibows/CREAM rewarding.py averages M0's log-likelihood over
+    "Label tokens the paper's code counts per response: header, response and template end, without pad tokens."
+    n_prefix = len(_template_ids(tokenizer, messages))            # templated without the generation prompt
+    return [sum(t != tokenizer.pad_token_id for t in _template_ids(tokenizer, messages + [{'role': 'assistant', 'content': r}])[n_prefix:])
+            for r in responses]
+
 # %% ../nbs/05_rewards.ipynb #bf975717
 def _pairs(prompts, samples) -> tuple:
     "Flattened (messages, response) of every sample, with its (prompt_id, response index)."
@@ -193,6 +208,7 @@ def iteration_logps(
 def iteration_rewards(
     logps_by_name:dict, # model name -> {prompt_id: {"logps", "n_tokens"}} (`iteration_logps`)
     t:int, # the iteration
+    m0_counts:dict|None=None, # prompt_id -> [N] token counts to divide M0's log-likelihood by (paper_code: `paper_label_counts`)
 )->dict: # prompt_id -> {"current": [float]*N, "previous": [float]*N}
     "Rewards of M_t and M_{t-1} for every response of iteration t."
     need = scored_models(t)
@@ -205,7 +221,10 @@ def iteration_rewards(
         if pid not in prev or (prev2 is not None and pid not in prev2): raise ValueError(f"prompt {pid!r} has log-probs of {need[0]} but not of every model in {need}")
         p = prev[pid]
         current = implicit_reward(c['logps'], p['logps'])
-        previous = implicit_reward(p['logps'], prev2[pid]['logps']) if prev2 is not None else normalized_likelihood(p['logps'], p['n_tokens'])
+        if prev2 is not None: previous = implicit_reward(p['logps'], prev2[pid]['logps'])
+        else:
+            if m0_counts is not None and pid not in m0_counts: raise ValueError(f"prompt {pid!r} has no entry in m0_counts (the token counts for M0's likelihood)")
+            previous = normalized_likelihood(p['logps'], p['n_tokens'] if m0_counts is None else m0_counts[pid])
         out[pid] = {'current': current.tolist(), 'previous': previous.tolist()}
     return out
 
