@@ -13,8 +13,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['MC_LABELS', 'NUMERIC_TASKS', 'EXTRACT_TASKS', 'extract_answer', 'answers_match', 'accuracy_table', 'correctness',
-           'reward_accuracy', 'iteration_reward_accuracy', 'accuracy_interval', 'task_metrics', 'greedy_answers',
-           'generate_predictions', 'harness_tasks', 'loglik_predictions', 'evaluate']
+           'reward_accuracy', 'iteration_reward_accuracy', 'accuracy_interval', 'task_metrics', 'metrics_intervals',
+           'greedy_answers', 'generate_predictions', 'harness_tasks', 'loglik_predictions', 'evaluate']
 
 # %% ../nbs/09_evaluate.ipynb #dbb9ae42
 MC_LABELS = {'arc_easy': list('ABCDE'), 'arc_challenge': list('ABCDE'), 'openbookqa': list('ABCD'),
@@ -257,6 +257,19 @@ def task_metrics(
                 f'interval{suffix}': {k: list(accuracy_interval(v['correct'], v['n'])) for k, v in t['tasks'].items()}}
     out = {'protocol': protocol, **block('correct'), 'n': {k: v['n'] for k, v in accuracy_table(rows)['tasks'].items()}}
     return {**out, **block('correct_norm', '_norm')} if protocol == 'loglik' else out
+
+# %% ../nbs/09_evaluate.ipynb #06c8577a
+def metrics_intervals(
+    metrics:dict, # a metrics.json dict: "accuracy" and, from runs that stored them, "n" and "interval" per task
+    suffix:str='', # '_norm': the intervals of acc_norm (loglik protocol)
+)->dict: # task -> (accuracy, n, (lo, hi)); n and the interval are None where the metrics have no count
+    "Accuracy, question count and 95% interval per task of an evaluation's metrics."
+    out = {}
+    for t, acc in (metrics.get(f'accuracy{suffix}') or {}).items():
+        n, iv = (metrics.get('n') or {}).get(t), (metrics.get(f'interval{suffix}') or {}).get(t)
+        if iv is None and n and acc is not None: iv = accuracy_interval(int(round(acc * n)), int(n))
+        out[t] = (acc, n, None if iv is None else tuple(iv))
+    return out
 
 # %% ../nbs/09_evaluate.ipynb #c105ff8f
 def greedy_answers(

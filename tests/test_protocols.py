@@ -124,3 +124,31 @@ def test_both_protocols_embedded(tmp_path):
     gen = evaluate(model, tok, EvalConfig(limit=2, max_new_tokens=16, tasks=['arc_easy', 'gsm8k']), out_dir=tmp_path/'gen', source='offline', progress=False)
     assert gen['n'] == {'arc_easy': 2, 'gsm8k': 2} and gen['protocol'] == 'generate'
     assert all(r['response'] for r in read_jsonl(tmp_path/'gen'/'predictions.jsonl'))   # the model really wrote answers
+
+SUMMARY = {'m1_eval': {'accuracy': {'arc_easy': 0.75, 'gsm8k': 0.0}, 'average': 0.375, 'n': {'arc_easy': 4, 'gsm8k': 4},
+                       'correct': {'arc_easy': 3, 'gsm8k': 0}, 'interval': {'arc_easy': list(accuracy_interval(3, 4)), 'gsm8k': list(accuracy_interval(0, 4))},
+                       'protocol': 'loglik'},
+           'iterations': [{'iteration': 1, 'model': 'm2', 'eval': {'accuracy': {'arc_easy': 0.5, 'gsm8k': 0.25}, 'average': 0.375,
+                                                                   'n': {'arc_easy': 4, 'gsm8k': 4}}}]}   # a run from before intervals were stored
+
+def test_summary_table_shows_n_and_intervals():
+    from cream_nb.cli import summary_table
+    out = summary_table(SUMMARY)
+    lo, hi = proportion_confint(3, 4, method='wilson')
+    assert 'arc_easy (n=4)' in out and f"0.750 [{lo:.2f},{hi:.2f}]" in out
+    lo, hi = proportion_confint(2, 4, method='wilson')                       # computed from accuracy and n for the old run
+    assert f"0.500 [{lo:.2f},{hi:.2f}]" in out
+    assert out.splitlines()[-1] == 'accuracy [95% Wilson interval]; eval protocol: generate, loglik'
+    odd = {'m1_eval': dict(SUMMARY['m1_eval'], n={'arc_easy': 5, 'gsm8k': 4}), 'iterations': SUMMARY['iterations']}
+    assert 'arc_easy (n=' not in summary_table(odd) and '/5' in summary_table(odd)   # different n per model: in the cell
+
+def test_accuracy_figure_error_bars():
+    from cream_nb.inspect import accuracy_figure
+    fig = accuracy_figure(SUMMARY)
+    tr = {t.name: t for t in fig.data}
+    lo, hi = proportion_confint(3, 4, method='wilson')
+    assert list(tr['arc_easy'].y) == [0.75, 0.5]
+    assert tr['arc_easy'].error_y.array[0] == pytest.approx(hi - 0.75) and tr['arc_easy'].error_y.arrayminus[0] == pytest.approx(0.75 - lo)
+    lo, hi = proportion_confint(2, 4, method='wilson')
+    assert tr['arc_easy'].error_y.array[1] == pytest.approx(hi - 0.5)
+    assert tr['average'].error_y.array is None                               # the macro average has no interval
