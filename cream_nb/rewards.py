@@ -16,8 +16,9 @@ from .sampling import chat_prompt_ids, sample_responses, _prompt_rows
 
 # %% auto #0
 __all__ = ['JUDGE_TEMPLATE', 'build_sequence', 'selective_log_softmax', 'sequence_logps', 'implicit_reward',
-           'normalized_likelihood', 'paper_label_counts', 'score_samples', 'scored_models', 'iteration_logps',
-           'iteration_rewards', 'judge_prompt', 'parse_judge_score', 'judge_rewards', 'oracle_rewards']
+           'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts', 'score_samples', 'scored_models',
+           'iteration_logps', 'iteration_rewards', 'judge_prompt', 'parse_judge_score', 'judge_rewards',
+           'oracle_rewards']
 
 # %% ../nbs/05_rewards.ipynb #04c93402
 def build_sequence(
@@ -128,6 +129,18 @@ def paper_label_counts(
     return [sum(t != tokenizer.pad_token_id for t in _template_ids(tokenizer, messages + [{'role': 'assistant', 'content': r}])[n_prefix:])
             for r in responses]
 
+# %% ../nbs/05_rewards.ipynb #a85c7027
+def with_paper_label_counts(
+    scores:dict, # prompt_id -> {"logps", "n_tokens"} of one model (M0's, from `iteration_logps`)
+    tokenizer,
+    prompts, # the iteration's prompt records
+    samples:list, # its sample records
+)->dict: # the same scores with "n_tokens" replaced by `paper_label_counts` (what `iteration_rewards` divides M0 by)
+    "M0's log-probs with the paper's token counts, for `consistency.paper_code`."
+    by_id = dict(_prompt_rows(prompts))
+    return {s['prompt_id']: {**scores[s['prompt_id']], 'n_tokens': paper_label_counts(tokenizer, by_id[s['prompt_id']], s['responses'])}
+            for s in samples if s['prompt_id'] in scores}
+
 # %% ../nbs/05_rewards.ipynb #bf975717
 def _pairs(prompts, samples) -> tuple:
     "Flattened (messages, response) of every sample, with its (prompt_id, response index)."
@@ -208,7 +221,6 @@ def iteration_logps(
 def iteration_rewards(
     logps_by_name:dict, # model name -> {prompt_id: {"logps", "n_tokens"}} (`iteration_logps`)
     t:int, # the iteration
-    m0_counts:dict|None=None, # prompt_id -> [N] token counts to divide M0's log-likelihood by (paper_code: `paper_label_counts`)
 )->dict: # prompt_id -> {"current": [float]*N, "previous": [float]*N}
     "Rewards of M_t and M_{t-1} for every response of iteration t."
     need = scored_models(t)
@@ -222,9 +234,7 @@ def iteration_rewards(
         p = prev[pid]
         current = implicit_reward(c['logps'], p['logps'])
         if prev2 is not None: previous = implicit_reward(p['logps'], prev2[pid]['logps'])
-        else:
-            if m0_counts is not None and pid not in m0_counts: raise ValueError(f"prompt {pid!r} has no entry in m0_counts (the token counts for M0's likelihood)")
-            previous = normalized_likelihood(p['logps'], p['n_tokens'] if m0_counts is None else m0_counts[pid])
+        else: previous = normalized_likelihood(p['logps'], p['n_tokens'])
         out[pid] = {'current': current.tolist(), 'previous': previous.tolist()}
     return out
 

@@ -233,3 +233,27 @@ def test_paper_m0_counts_equal_the_papers_collator():
     assert paper_label_counts(tok, msgs, resps) == want
     ours = [len(build_sequence(tok, msgs, r)[0]) - build_sequence(tok, msgs, r)[1] for r in resps]
     assert [w - o for w, o in zip(want, ours)] == [4, 4, 4]      # the assistant header, as the issue found
+
+@pytest.mark.slow
+def test_paper_code_through_the_loop(tmp_path):
+    "A tiny run with consistency.paper_code: M0's reward over the paper's label count, ordinal ranks, C over paired prompts."
+    from cream_nb.config import apply_overrides, preset
+    from cream_nb.io import read_json, read_jsonl
+    from cream_nb.loop import CreamRun
+    from cream_nb.rewards import paper_label_counts
+    run = CreamRun(apply_overrides(preset('tiny'), ['consistency.paper_code=true']), tmp_path/'run', progress=False)
+    run.sft(); it = run.iteration(1)
+    it.sample(); it.score(); cons = it.consistency(); pairs = it.pairs()
+    prompts = {p['id']: p for p in read_jsonl(it.dir/'prompts.jsonl')}
+    samples = {s['prompt_id']: s for s in read_jsonl(it.dir/'samples.jsonl')}
+    m0 = {r['prompt_id']: r for r in read_jsonl(it.dir/'logps_m0.jsonl')}            # stored with our own counts
+    rewards = {r['prompt_id']: r for r in read_jsonl(it.dir/'rewards.jsonl')}
+    for pid, r in rewards.items():
+        counts = paper_label_counts(run.tokenizer, prompts[pid]['messages'], samples[pid]['responses'])
+        assert counts == [n + 4 for n in m0[pid]['n_tokens']]
+        assert r['previous'] == pytest.approx([lp / n for lp, n in zip(m0[pid]['logps'], counts)], abs=1e-12)
+    want = paper_cal_consistency({p: r['current'] for p, r in rewards.items()}, {p: r['previous'] for p, r in rewards.items()}, 'kendall')
+    assert cons['paper_code'] is True and all(cons['per_prompt'][p] == pytest.approx(want[p], abs=1e-12) for p in want)
+    C = paper_avg_consistency({p: r['current'] for p, r in rewards.items()}, cons['per_prompt'])
+    assert len(pairs) and all(c == pytest.approx(C, abs=1e-12) for c in pairs['set_consistency'])
+    assert read_json(it.dir/'pairs_stats.json')['set_consistency'] == pytest.approx(C, abs=1e-12)
