@@ -105,15 +105,18 @@ def _as_config(config) -> CreamConfig:
     if p.suffix == '.json' or p.exists(): return load_config(p)
     return preset(str(config))
 
-NEUTRAL_DEFAULTS = {'reward.length_control': 'off'}   # 'section.field' -> the value that behaves as before the field existed
+NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the value that behaves as before the field existed
+                    'eval.protocol': 'generate', 'consistency.paper_code': False}
 
 def _section(cfg:CreamConfig, *names) -> dict:
     "The named sections (or 'section.field' entries) of `cfg` as a dict, for fingerprints and diffs."
     d = cfg.to_dict(); out = {}
+    neutral = lambda key, v: key in NEUTRAL_DEFAULTS and NEUTRAL_DEFAULTS[key] == v
     for n in names:
         s, _, f = n.partition('.')
-        if f: out.setdefault(s, {})[f] = d[s][f]
-        else: out[s] = {k: v for k, v in d[s].items() if f'{s}.{k}' not in NEUTRAL_DEFAULTS or NEUTRAL_DEFAULTS[f'{s}.{k}'] != v}
+        if f:
+            if not neutral(n, d[s][f]): out.setdefault(s, {})[f] = d[s][f]
+        else: out[s] = {k: v for k, v in d[s].items() if not neutral(f'{s}.{k}', v)}
     return out
 
 # %% ../nbs/10_loop.ipynb #395b66af
@@ -363,7 +366,7 @@ def score(self:Iteration) -> list[dict]:
     "Rewards of every response, as the run's method computes them (implicit reward, judge, gold answer, ...)."
     from cream_nb import rewards as R
     from cream_nb.evaluate import iteration_reward_accuracy
-    spec, conf = self.spec, _section(self.cfg, 'reward', 'loop.method')
+    spec, conf = self.spec, _section(self.cfg, 'reward', 'loop.method', 'consistency.paper_code')
     fp = fingerprint('score', self.fp('sample'), conf, [self.run.fp_model(n) for n in self._models_scored()])
     def make():
         ctx = ScoreContext(self.t, self.cfg, self.prompts(), self.samples(), model=self.run.model,
@@ -372,6 +375,8 @@ def score(self:Iteration) -> list[dict]:
         ctx.logps = R.iteration_logps(None, self.run.tokenizer, self.t, ctx.prompts, ctx.samples, self.dir,
                                       batch_size=self.cfg.reward.batch_size, progress=self.run.progress,
                                       names=self._models_scored(), switch=self.run.model)
+        if self.cfg.consistency.paper_code and self.t == 1 and 'm0' in ctx.logps:   # M0's likelihood over the paper's label count
+            ctx.logps['m0'] = R.with_paper_label_counts(ctx.logps['m0'], self.run.tokenizer, ctx.prompts, ctx.samples)
         rows = spec.rewards(ctx)
         for fname, obj in ctx.artifacts.items(): write_json(obj, self.dir/fname)
         write_jsonl(rows, self.dir/'rewards.jsonl')
@@ -396,8 +401,8 @@ def consistency(self:Iteration) -> dict:
         rows = [r for r in self.rewards() if r['current'] is not None and r.get('previous') is not None]
         res = {'method': self.cfg.consistency.method, 'per_prompt': {}, 'set': None, 'summary': None}
         if rows:  # the baselines without a previous ranking (srlm, oracle) have no consistency to measure
-            res = consistency_report({r['prompt_id']: r['current'] for r in rows},
-                                     {r['prompt_id']: r['previous'] for r in rows}, self.cfg.consistency.method)
+            res = consistency_report({r['prompt_id']: r['current'] for r in rows}, {r['prompt_id']: r['previous'] for r in rows},
+                                     self.cfg.consistency.method, paper_code=self.cfg.consistency.paper_code)
         res['training'] = self.training_consistency()
         write_json(res, self.dir/'consistency.json')
         return res
@@ -409,12 +414,15 @@ def consistency(self:Iteration) -> dict:
 def pairs(self:Iteration):
     "Preference pairs: the best and the worst response of each prompt by M_t's reward."
     from cream_nb.preferences import preference_pairs
+    from cream_nb.consistency import set_consistency
     def make():
         prompts, samples, cons = self.prompts(), self.samples(), self.consistency_result()
         cur = {r['prompt_id']: r['current'] for r in self.rewards() if r['current'] is not None}
         ref = {r['prompt_id']: r['logps'] for r in self.logps(self.m_t)}
-        ds, stats = preference_pairs(prompts, samples, cur, rates=cons['per_prompt'] or None,
-                                     set_rate=cons['set'], ref_logps=ref)
+        C, rates = cons['set'], cons['per_prompt'] or None
+        paired = [p for p in (rates or {}) if p in cur and None not in cur[p] and max(cur[p]) != min(cur[p])]
+        if self.cfg.consistency.paper_code and paired: C = set_consistency(rates, among=paired)   # the paper's 'avg': prompts with a pair
+        ds, stats = preference_pairs(prompts, samples, cur, rates=rates, set_rate=C, ref_logps=ref)
         save_dataset(ds, self.dir/'pairs'); write_json(stats, self.dir/'pairs_stats.json')
         return ds
     return self._stage('pairs', fingerprint('pairs', self.fp('consistency')), {}, [self.dir/'pairs', self.dir/'pairs_stats.json'],
