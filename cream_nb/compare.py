@@ -16,11 +16,11 @@ from . import loop as L
 
 # %% auto #0
 __all__ = ['COMPARE_METHODS', 'DEFAULT_METHODS', 'comparison_methods', 'describe_method', 'method_config', 'StageCache',
-           'using_cache', 'compare', 'analyse_run', 'wilson_interval', 'mcnemar_exact', 'method_models', 'predictions',
-           'accuracy_cells', 'paired_tests', 'consistency_table', 'movement_table', 'reward_accuracy_table',
-           'compare_dirs', 'compare_tables', 'write_tables', 'accuracy_text', 'tests_text', 'consistency_text',
-           'compare_text', 'accuracy_by_method_figure', 'consistency_by_method_figure', 'compare_figures',
-           'pair_choices', 'shared_prompts', 'pair_choices_html', 'PairChooser', 'compare_report_html', 'is_comparison']
+           'using_cache', 'compare', 'analyse_run', 'mcnemar_exact', 'method_models', 'predictions', 'accuracy_cells',
+           'paired_tests', 'consistency_table', 'movement_table', 'reward_accuracy_table', 'compare_dirs',
+           'compare_tables', 'write_tables', 'accuracy_text', 'tests_text', 'consistency_text', 'compare_text',
+           'accuracy_by_method_figure', 'consistency_by_method_figure', 'compare_figures', 'pair_choices',
+           'shared_prompts', 'pair_choices_html', 'PairChooser', 'compare_report_html', 'is_comparison']
 
 # %% ../nbs/13_compare.ipynb #7896f910
 from .methods import get_method, method_names
@@ -162,20 +162,8 @@ def analyse_run(run):
                                           batch_size=run.cfg.reward.batch_size)[0].tolist()
             write_json({'model': f'm{t+1}', 'chosen': lp[:len(pairs)], 'rejected': lp[len(pairs):]}, d/'compare'/'pair_logps.json')
 
-# %% ../nbs/13_compare.ipynb #401fb918
-def wilson_interval(
-    correct:int, # questions answered right
-    n:int, # questions asked
-    z:float=1.959963984540054, # the normal quantile: 95%
-)->tuple: # (low, high); (0.0, 1.0) when n = 0
-    "The Wilson score interval of a proportion `correct / n`."
-    if n == 0: return (0.0, 1.0)
-    p = correct / n; den = 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / den, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (0.0 if correct == 0 else max(0.0, mid - half), 1.0 if correct == n else min(1.0, mid + half))
-
-try: from cream_nb.evaluate import accuracy_interval   # the evaluation notebook's, once it has one
-except ImportError: accuracy_interval = wilson_interval
+# %% ../nbs/13_compare.ipynb #a994f093
+from .evaluate import accuracy_interval
 
 # %% ../nbs/13_compare.ipynb #637e4dc3
 def mcnemar_exact(
