@@ -197,6 +197,9 @@ def _registry_problem(self:CreamRun) -> str|None:
     from cream_nb.models import CheckpointRegistry
     f, made = self.run_dir/'checkpoints.json', self._made()
     if not f.exists(): return f"{f} is missing" if made else None
+    try: d = read_json(f)
+    except ArtifactError as e: return str(e)
+    if not isinstance(d, dict): return f"{f} is corrupt (a JSON {type(d).__name__}, not an object of checkpoints)"
     try: reg = CheckpointRegistry(self.run_dir)
     except (ArtifactError, ValueError) as e: return str(e)
     if lost := [n for n in made if n not in reg]: return f"{f} lacks {lost}, which the finished stages made"
