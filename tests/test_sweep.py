@@ -45,6 +45,7 @@ def truncate(path:Path, keep:float=0.5):
 def drop_last_line(path:Path):
     lines = path.read_text().splitlines(keepends=True); path.write_text(''.join(lines[:-1]))
 
+ARTIFACTS = Path(__file__).resolve().parents[1]/'test-artifacts'
 GOOD_PROMPT = json.dumps({'messages': [{'role': 'user', 'content': 'Why is the sky blue?'}]})
 RUN = ['run', '--quiet', '--run-dir']
 
@@ -120,6 +121,8 @@ def test_bad_input_is_one_line_and_changes_nothing(case, setup, fragments, run_d
     target = Path(argv[argv.index('--run-dir') + 1]) if '--run-dir' in argv else run_dir
     line = cream_error(capsys, argv, target)
     for f in fragments: assert f in line, (f, line)
+    ARTIFACTS.mkdir(exist_ok=True)   # every case's message, for a person to read (test-artifacts/ is git-ignored)
+    with open(ARTIFACTS/'sweep-messages.txt', 'a') as f: f.write(f"{case}: {line.replace(str(tmp_path), '<tmp>')}\n")
 
 def test_at_least_30_cases(): assert len(CASES) >= 30
 
