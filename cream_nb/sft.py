@@ -111,7 +111,11 @@ def train_resumable(
     "`trainer.train()`, resumed from the newest complete checkpoint in its output_dir."
     trainer.add_callback(CheckpointMarker)
     ckpt = last_checkpoint(trainer.args.output_dir)
-    if ckpt is not None: log.info(f"resuming training from {ckpt} (step {_step(ckpt)})")
+    if ckpt is not None:
+        log.info(f"resuming training from {ckpt} (step {_step(ckpt)})")
+        if hasattr(trainer, '_total_train_tokens'):   # TRL's running token count is not in the checkpoint: carry it on
+            hist = json.loads((ckpt/'trainer_state.json').read_text()).get('log_history', [])
+            trainer._total_train_tokens = int(next((h['num_tokens'] for h in reversed(hist) if 'num_tokens' in h), 0))
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     return _step(ckpt) if ckpt else 0
 
