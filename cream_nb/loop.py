@@ -27,7 +27,7 @@ warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.*is depre
 __all__ = ['log', 'REDO', 'NEUTRAL_DEFAULTS', 'UNFINGERPRINTED', 'REBUILD', 'STAGES', 'fingerprint', 'StageMismatch', 'StageLog',
            'run_stage', 'CreamRun', 'Iteration', 'run_summary']
 
-# %% ../nbs/10_loop.ipynb #2630aa36
+# %% ../nbs/10_loop.ipynb #5eea22aa
 def fingerprint(*parts) -> str:
     "A short stable hash of JSON-serialisable `parts`."
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -44,7 +44,7 @@ def _diff(old:dict, new:dict, prefix='') -> list[str]:
         elif a != b: out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
 
-# %% ../nbs/10_loop.ipynb #e9878103
+# %% ../nbs/10_loop.ipynb #6e01c88e
 class StageLog:
     "Append-only log of stage events (`start`, `done`, `skip`, each with the writer's pid) in `run_dir/stages.jsonl`."
     def __init__(self, path): self.path = Path(path)
@@ -60,7 +60,7 @@ class StageLog:
             except json.JSONDecodeError: pass  # a line cut short by a kill: the log is advisory, markers are the truth
         return out
 
-# %% ../nbs/10_loop.ipynb #44393230
+# %% ../nbs/10_loop.ipynb #0bd116f5
 class _Redo(Exception):
     "Raised by a dry pass (`CreamRun.check`) at the first stage that would run: what follows it cannot be checked yet."
 
