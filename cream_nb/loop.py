@@ -116,17 +116,18 @@ def _as_config(config) -> CreamConfig:
     return preset(str(config))
 
 NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the value that behaves as before the field existed
-                    'data.prompts_file': None, 'data.seed_file': None}
+                    'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None}
 UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps'}   # how often a stage checkpoints changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:
     "The named sections (or 'section.field' entries) of `cfg` as a dict, for fingerprints and diffs."
     d = cfg.to_dict(); out = {}
+    neutral = lambda key, v: key in UNFINGERPRINTED or (key in NEUTRAL_DEFAULTS and NEUTRAL_DEFAULTS[key] == v)
     for n in names:
         s, _, f = n.partition('.')
-        if f: out.setdefault(s, {})[f] = d[s][f]
-        else: out[s] = {k: v for k, v in d[s].items() if f'{s}.{k}' not in UNFINGERPRINTED
-                        and (f'{s}.{k}' not in NEUTRAL_DEFAULTS or NEUTRAL_DEFAULTS[f'{s}.{k}'] != v)}
+        if f:
+            if not neutral(n, d[s][f]): out.setdefault(s, {})[f] = d[s][f]
+        else: out[s] = {k: v for k, v in d[s].items() if not neutral(f'{s}.{k}', v)}
     return out
 
 # %% ../nbs/10_loop.ipynb #395b66af
@@ -179,7 +180,7 @@ def fp_model(self:CreamRun, name:str) -> str:
     if not marker.exists(): raise ArtifactError(f"{name} has not been made yet ({marker} missing): run the stage that makes it first")
     return read_json(marker)['fingerprint']
 
-# %% ../nbs/10_loop.ipynb #b200fe62
+# %% ../nbs/10_loop.ipynb #deca1e4d
 REBUILD = "rerun `cream run` with --force to rebuild it from the finished stages"
 
 @patch
@@ -213,7 +214,7 @@ def registry(self:CreamRun):
         self._registry = CheckpointRegistry(self.run_dir)
     return self._registry
 
-# %% ../nbs/10_loop.ipynb #2f152a25
+# %% ../nbs/10_loop.ipynb #87cb6c13
 @patch
 def _begin(self:CreamRun):
     "Before the first write: take the lock, write config.json, make checkpoints.json agree with the finished stages."
@@ -230,7 +231,7 @@ def _begin(self:CreamRun):
         if n not in self.registry: self.registry.register(n, path, ref)
     self._begun = True
 
-# %% ../nbs/10_loop.ipynb #c2dfcbb1
+# %% ../nbs/10_loop.ipynb #6744da45
 @patch
 def check(self:CreamRun):
     "Everything that can be found wrong before a write: model name, data, registry, and each finished stage."
@@ -420,7 +421,7 @@ def consistency_result(self:Iteration) -> dict: return read_json(self.dir/'consi
 @patch
 def pairs_dataset(self:Iteration): return load_dataset_dir(self.dir/'pairs')
 
-# %% ../nbs/10_loop.ipynb #19756379
+# %% ../nbs/10_loop.ipynb #6f27e6a9
 def _same_ids(path:Path, got:list, want:list, of:str):
     if sorted(got) != sorted(want):
         raise ArtifactError(f"{path} holds {len(got)} records for the {len(want)} {of} (cut short or emptied?)")
@@ -470,7 +471,7 @@ def score(self:Iteration) -> list[dict]:
     "Rewards of every response, as the run's method computes them (implicit reward, judge, gold answer, ...)."
     from cream_nb import rewards as R
     from cream_nb.evaluate import iteration_reward_accuracy
-    spec, conf = self.spec, _section(self.cfg, 'reward', 'loop.method')
+    spec, conf = self.spec, _section(self.cfg, 'reward', 'loop.method', 'consistency.paper_code')
     fp = fingerprint('score', self.fp('sample'), conf, [self.run.fp_model(n) for n in self._models_scored()])
     def make():
         ctx = ScoreContext(self.t, self.cfg, self.prompts(), self.samples(), model=self.run.model,
@@ -478,6 +479,8 @@ def score(self:Iteration) -> list[dict]:
         ctx.logps = R.iteration_logps(None, self.run.tokenizer, self.t, ctx.prompts, ctx.samples, self.dir,
                                       batch_size=self.cfg.reward.batch_size, progress=self.run.progress,
                                       names=self._models_scored(), switch=self.run.model)
+        if self.cfg.consistency.paper_code and self.t == 1 and 'm0' in ctx.logps:   # M0's likelihood over the paper's label count
+            ctx.logps['m0'] = R.with_paper_label_counts(ctx.logps['m0'], self.run.tokenizer, ctx.prompts, ctx.samples)
         rows = spec.rewards(ctx)
         for fname, obj in ctx.artifacts.items(): write_json(obj, self.dir/fname)
         write_jsonl(rows, self.dir/'rewards.jsonl')
@@ -502,8 +505,8 @@ def consistency(self:Iteration) -> dict:
         rows = [r for r in self.rewards() if r['current'] is not None and r.get('previous') is not None]
         res = {'method': self.cfg.consistency.method, 'per_prompt': {}, 'set': None, 'summary': None}
         if rows:  # the baselines without a previous ranking (srlm, oracle) have no consistency to measure
-            res = consistency_report({r['prompt_id']: r['current'] for r in rows},
-                                     {r['prompt_id']: r['previous'] for r in rows}, self.cfg.consistency.method)
+            res = consistency_report({r['prompt_id']: r['current'] for r in rows}, {r['prompt_id']: r['previous'] for r in rows},
+                                     self.cfg.consistency.method, paper_code=self.cfg.consistency.paper_code)
         res['training'] = self.training_consistency()
         write_json(res, self.dir/'consistency.json')
         return res
@@ -519,12 +522,15 @@ def consistency(self:Iteration) -> dict:
 def pairs(self:Iteration):
     "Preference pairs: the best and the worst response of each prompt by M_t's reward."
     from cream_nb.preferences import preference_pairs
+    from cream_nb.consistency import set_consistency
     def make():
         prompts, samples, cons = self.prompts(), self.samples(), self.consistency_result()
         cur = {r['prompt_id']: r['current'] for r in self.rewards() if r['current'] is not None}
         ref = {r['prompt_id']: r['logps'] for r in self.logps(self.m_t)}
-        ds, stats = preference_pairs(prompts, samples, cur, rates=cons['per_prompt'] or None,
-                                     set_rate=cons['set'], ref_logps=ref)
+        C, rates = cons['set'], cons['per_prompt'] or None
+        paired = [p for p in (rates or {}) if p in cur and None not in cur[p] and max(cur[p]) != min(cur[p])]
+        if self.cfg.consistency.paper_code and paired: C = set_consistency(rates, among=paired)   # the paper's 'avg': prompts with a pair
+        ds, stats = preference_pairs(prompts, samples, cur, rates=rates, set_rate=C, ref_logps=ref)
         save_dataset(ds, self.dir/'pairs'); write_json(stats, self.dir/'pairs_stats.json')
         return ds
     return self._stage('pairs', fingerprint('pairs', self.fp('consistency')), {}, [self.dir/'pairs', self.dir/'pairs_stats.json'],
