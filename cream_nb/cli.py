@@ -217,6 +217,10 @@ def _cmd_compare(args) -> int:
     print(f"\ncream: comparison finished in {time.time()-t0:.0f} s\n\n{compare_text(tab)}\n\nreport: {report}")
     return 0
 
+def _is_comparison(args) -> bool:
+    from cream_nb.compare import is_comparison
+    return args.command == 'report' and is_comparison(args.run_dir)   # `cream report` takes a comparison directory too
+
 def _cmd_report(args) -> Path:
     from cream_nb.compare import is_comparison, compare_report_html
     return compare_report_html(args.run_dir, args.output) if is_comparison(args.run_dir) else report_html(args.run_dir, args.output)
@@ -230,7 +234,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format='cream: %(message)s')  # the stages' one-line notes (data counts, fallbacks)
     for noisy in ('httpx', 'urllib3', 'filelock', 'datasets', 'huggingface_hub'): logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        if args.command in ('status', 'report') and not (args.run_dir/'config.json').is_file():
+        if args.command in ('status', 'report') and not (args.run_dir/'config.json').is_file() and not _is_comparison(args):
             raise ConfigError(f"{args.run_dir} is not a run directory (it has no config.json): give the --run-dir of a `cream run`")
         if args.command == 'run': return _cmd_run(args)
         if args.command == 'eval': return _cmd_eval(args)
