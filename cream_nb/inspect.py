@@ -33,11 +33,17 @@ def accuracy_figure(summary:dict) -> go.Figure:
             [(it['model'], it['eval']) for it in summary['iterations'] if it.get('eval')]
     fig, tasks = go.Figure(), []
     for _, ev in evals: tasks += [t for t in ev['accuracy'] if t not in tasks]
+    from cream_nb.evaluate import metrics_intervals
     for t in tasks + ['average']:
-        ys = [ev['average'] if t == 'average' else ev['accuracy'].get(t) for _, ev in evals]
-        fig.add_trace(go.Scatter(x=[m for m, _ in evals], y=ys, mode='lines+markers', name=t,
+        cells = [metrics_intervals(ev).get(t, (None, None, None)) for _, ev in evals] if t != 'average' else []
+        ys = [ev['average'] for _, ev in evals] if t == 'average' else [a for a, _, _ in cells]
+        err = dict(type='data', symmetric=False, array=[iv[1] - a if iv else 0 for a, _, iv in cells],
+                   arrayminus=[a - iv[0] if iv else 0 for a, _, iv in cells], thickness=1, width=3) if any(c[2] for c in cells) else None
+        fig.add_trace(go.Scatter(x=[m for m, _ in evals], y=ys, mode='lines+markers', name=t, error_y=err,
+                                 customdata=[[n, *(iv or (None, None))] for _, n, iv in cells] or None,
+                                 hovertemplate=f'{t}: %{{y:.3f}} [%{{customdata[1]:.2f}}, %{{customdata[2]:.2f}}], n=%{{customdata[0]}}<extra></extra>' if cells else None,
                                  line=dict(width=4 if t == 'average' else 2, dash='solid' if t == 'average' else 'dot')))
-    fig.update_layout(title='Accuracy per task', xaxis_title='model', yaxis_title='exact-match accuracy',
+    fig.update_layout(title='Accuracy per task (bars: 95% interval)', xaxis_title='model', yaxis_title='accuracy',
                       yaxis_range=[0, 1], **_LAYOUT)
     return fig
 
@@ -200,10 +206,16 @@ def filter_prompts(
             and all(w in (r['id'] + ' ' + r['question']).casefold() for w in words)]
 
 # %% ../nbs/11_inspect.ipynb #fced83e1
-def _reward_names(method:str|None, t:int) -> tuple:
-    "Labels of the current and previous reward of iteration t under `method`, as the method registry names them."
-    from cream_nb.methods import get_method, method_names, implicit_names
-    return get_method(method).reward_names(t) if method in method_names() else implicit_names(t)
+def _reward_names(method:str|None, t:int, length_control:str='off') -> tuple:
+    "Labels of the current and previous reward of iteration t under `method` and `reward.length_control`, from the method registry."
+    from cream_nb.methods import get_method, method_names, implicit_names, with_length_control
+    if method not in method_names(): return implicit_names(t)
+    return with_length_control(get_method(method), length_control).reward_names(t)
+
+def _length_control(run_dir) -> str:
+    "The run's `reward.length_control` ('off' for a run made before the option existed)."
+    cfg = _opt(read_json, Path(run_dir)/'config.json')
+    return (cfg or {}).get('reward', {}).get('length_control', 'off')
 
 def _answers(p:dict, responses:list) -> list:
     "The answer extracted from each response (None for tasks without one)."
@@ -230,7 +242,7 @@ def prompt_view(
             for i, s in enumerate(responses)]
     return dict(id=prompt_id, iteration=t, task=p['task'], question=_question(p), choices=choices_dict(p), gold=p.get('answer'),
                 c_x=D['rates'].get(prompt_id), consistency_method=D['consistency_method'], chosen=ci, rejected=ri,
-                disagrees=disagrees_with_gold(ok, ci, ri), reward_names=_reward_names(D['method'], t), responses=rows)
+                disagrees=disagrees_with_gold(ok, ci, ri), reward_names=_reward_names(D['method'], t, _length_control(run_dir)), responses=rows)
 
 # %% ../nbs/11_inspect.ipynb #8a91c1e0
 def discordant_pairs(
