@@ -6,11 +6,11 @@ Docs: https://cream-nb.github.io/cream_nb/cli.html.md"""
 
 # %% ../nbs/12_cli.ipynb #7f510f92
 from __future__ import annotations
-import argparse, json, sys, time
+import argparse, json, os, sys, time
 from pathlib import Path
 
 from .config import CreamConfig, PRESETS, METHODS, preset, load_config, apply_overrides, ConfigError, describe
-from .io import ArtifactError, read_json
+from .io import ArtifactError, RunLocked, read_json
 
 # %% auto #0
 __all__ = ['build_parser', 'resolve_config', 'summary_table', 'status_text', 'report_html', 'main']
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     from cream_nb.methods import method_names   # the registry: a registered method is a choice
     r.add_argument('--method', choices=method_names(), help="a registered method (loop.method): " + ", ".join(method_names()))
     r.add_argument('--iterations', type=int, help="T, self-rewarding iterations (loop.iterations)")
+    r.add_argument('--prompts-file', type=Path, help="your own prompt pool: JSONL or a datasets folder of prompt records (data.prompts_file)")
+    r.add_argument('--seed-file', type=Path, help="your own seed SFT data: JSONL or a datasets folder, answers last (data.seed_file)")
     r.add_argument('--force', action='store_true', help="redo finished stages whose settings changed")
     r.add_argument('--quiet', action='store_true', help="no progress bars")
     e = sub.add_parser('eval', help="evaluate a checkpoint of a run, or any model")
@@ -57,7 +59,13 @@ def resolve_config(args) -> CreamConfig:
     ov = list(args.overrides)
     if args.method: ov.append(f'loop.method="{args.method}"')
     if args.iterations is not None: ov.append(f'loop.iterations={args.iterations}')
-    return apply_overrides(cfg, ov)
+    for k in ('prompts_file', 'seed_file'):       # stored absolute, so a resume from another folder finds them
+        if getattr(args, k, None) is not None: ov.append(f'data.{k}={json.dumps(str(getattr(args, k).absolute()))}')
+    cfg = apply_overrides(cfg, ov)
+    for k in ('prompts_file', 'seed_file'):
+        v = getattr(cfg.data, k)
+        if v and not Path(v).is_absolute(): cfg = apply_overrides(cfg, [f'data.{k}={json.dumps(str(Path(v).absolute()))}'])
+    return cfg
 
 # %% ../nbs/12_cli.ipynb #6e5693eb
 def _fmt(x, nd=3):
@@ -133,9 +141,17 @@ def report_html(run_dir, output=None) -> Path:
     return output
 
 # %% ../nbs/12_cli.ipynb #3a5ac28c
+def _check_run_dir(d:Path):
+    "Refuse a --run-dir that is a file or cannot be written, in one line, before anything runs."
+    if d.exists() and not d.is_dir(): raise ConfigError(f"--run-dir {d} is a file, not a directory: give a directory path (it is created if missing)")
+    try: d.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ConfigError(f"--run-dir {d} cannot be created ({e.strerror}): give a directory you can write") from None
+    if not os.access(d, os.W_OK | os.X_OK): raise ConfigError(f"--run-dir {d} is not writable: give a directory you can write")
+
 def _cmd_run(args) -> int:
     from cream_nb.loop import CreamRun
     cfg = resolve_config(args)
+    _check_run_dir(args.run_dir)
     t0 = time.time()
     run = CreamRun(cfg, args.run_dir, force=args.force, progress=not args.quiet)
     print(f"cream: {run}", flush=True)
@@ -147,19 +163,24 @@ def _cmd_run(args) -> int:
 def _cmd_eval(args) -> int:
     from cream_nb.config import EvalConfig
     from cream_nb.evaluate import evaluate
+    if args.limit is not None and args.limit < 1: raise ConfigError(f"--limit {args.limit} is invalid: give the number of questions per task, >= 1 (omit it for all)")
     target = Path(args.target)
     if (target/'config.json').exists():
         from cream_nb.loop import CreamRun
         run = CreamRun(load_config(target/'config.json'), target)
-        name = args.checkpoint or run.registry.names()[-1]
+        names = run.registry.names()
+        if args.checkpoint is None and names == ['m0']:   # never evaluate M0 as "the newest" without being asked
+            raise ArtifactError(f"{target} has no trained checkpoint in {target/'checkpoints.json'} yet: finish the run "
+                                "(cream run --run-dir ...) or pass --checkpoint m0 to evaluate the initial model")
+        name = args.checkpoint or names[-1]
         ec = run.cfg.eval
-        ec = EvalConfig(**{**ec.__dict__, **({'tasks': args.tasks} if args.tasks else {}), **({'limit': args.limit} if args.limit else {})})
+        ec = EvalConfig(**{**ec.__dict__, **({'tasks': args.tasks} if args.tasks else {}), **({'limit': args.limit} if args.limit is not None else {})})
         with run.model(name) as m:
             res = evaluate(m, run.tokenizer, ec, out_dir=args.out or target/f'eval_{name}_cli', source=run.cfg.data.source)
     else:
         from cream_nb.models import load_model
         model, tok = load_model(args.target)
-        ec = EvalConfig(**{**({'tasks': args.tasks} if args.tasks else {}), **({'limit': args.limit} if args.limit else {})})
+        ec = EvalConfig(**{**({'tasks': args.tasks} if args.tasks else {}), **({'limit': args.limit} if args.limit is not None else {})})
         res = evaluate(model, tok, ec, out_dir=args.out, source='auto')
     print(json.dumps({k: res[k] for k in ('accuracy', 'average', 'n')}, indent=2))
     return 0
@@ -168,16 +189,19 @@ def main(argv=None) -> int:
     "The `cream` console script."
     import logging
     from cream_nb.loop import StageMismatch
+    from cream_nb.data import DataError
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='cream: %(message)s')  # the stages' one-line notes (data counts, fallbacks)
     for noisy in ('httpx', 'urllib3', 'filelock', 'datasets', 'huggingface_hub'): logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if args.command in ('status', 'report') and not (args.run_dir/'config.json').is_file():
+            raise ConfigError(f"{args.run_dir} is not a run directory (it has no config.json): give the --run-dir of a `cream run`")
         if args.command == 'run': return _cmd_run(args)
         if args.command == 'eval': return _cmd_eval(args)
         if args.command == 'status': print(status_text(args.run_dir)); return 0
         if args.command == 'report': print(f"report written to {report_html(args.run_dir, args.output)}"); return 0
         if args.command == 'config': print(describe(preset(args.preset))); return 0
-    except (ConfigError, StageMismatch, ArtifactError, KeyError, FileNotFoundError) as e:
+    except (ConfigError, StageMismatch, ArtifactError, KeyError, FileNotFoundError, DataError, RunLocked) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cream: error: {msg}", file=sys.stderr); return 2
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ Docs: https://cream-nb.github.io/cream_nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #a70e2262
 from __future__ import annotations
-import dataclasses, json, os
+import dataclasses, json, math, os, types, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ def _check_training(section, c):
     _check(c.grad_accum >= 1, section, 'grad_accum', c.grad_accum, "an integer >= 1")
     _check(0 <= c.warmup_ratio < 1, section, 'warmup_ratio', c.warmup_ratio, "0 <= value < 1")
     _check(c.max_length >= 8, section, 'max_length', c.max_length, "an integer >= 8")
+    _check(c.save_steps >= 0, section, 'save_steps', c.save_steps, "an integer >= 0 (0: no mid-stage checkpoints)")
 
 # %% ../nbs/00_config.ipynb #c798c52e
 @dataclass
@@ -73,8 +74,12 @@ class DataConfig:
     prompts_per_iteration: int|None = _f(None, "prompts in each iteration's subset DU_t (None: the pool split evenly)")
     tasks: list = _f(list(TASKS), "tasks whose training questions join the prompt pool")
     seed: int = _f(0, "seed of the pool shuffle and split")
+    prompts_file: str|None = _f(None, "your own prompt pool DU: a JSONL file or a `datasets` folder of prompt records (None: built from `source` and `tasks`)")
+    seed_file: str|None = _f(None, "your own seed SFT data DS: JSONL or a `datasets` folder of records whose messages end with the assistant's answer (None: from `source`)")
     def __post_init__(self):
         _choice('data', 'source', self.source, ('auto', 'hub', 'offline'))
+        for k in ('prompts_file', 'seed_file'):
+            _check(getattr(self, k) is None or bool(str(getattr(self, k)).strip()), 'data', k, getattr(self, k), "None or a file path")
         for t in self.tasks: _choice('data', 'tasks', t, TASKS)
         _check(self.seed_size is None or self.seed_size >= 1, 'data', 'seed_size', self.seed_size, "None or an integer >= 1")
         _check(self.prompts_per_iteration is None or self.prompts_per_iteration >= 1, 'data', 'prompts_per_iteration',
@@ -91,6 +96,7 @@ class SFTConfig:
     warmup_ratio: float = _f(0.1, "share of steps spent warming up")
     lr_scheduler: str = _f('cosine', "learning-rate schedule (transformers name)")
     max_length: int = _f(1024, "longest tokenised example; longer ones are truncated")
+    save_steps: int = _f(50, "save a Trainer checkpoint every this many optimizer steps, so a killed run resumes mid-stage (0: never)")
     def __post_init__(self): _check_training('sft', self)
 
 # %% ../nbs/00_config.ipynb #296ed96e
@@ -154,6 +160,7 @@ class DPOConfig:
     batch_size: int = _f(8, "pairs per device batch")
     grad_accum: int = _f(1, "gradient accumulation steps")
     max_length: int = _f(1024, "longest prompt+response in tokens")
+    save_steps: int = _f(50, "save a Trainer checkpoint every this many optimizer steps, so a killed run resumes mid-stage (0: never)")
     def __post_init__(self):
         _check(self.beta > 0, 'dpo', 'beta', self.beta, "a number > 0")
         _check_training('dpo', self)
@@ -218,10 +225,39 @@ class CreamConfig:
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/00_config.ipynb #d7dd6626
+_TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'true or false', list: 'a JSON list', dict: 'a JSON object'}
+
+def _allowed_types(hint) -> tuple:
+    "The plain types a field annotation allows, e.g. `int|None` -> (int, NoneType)."
+    args = typing.get_args(hint)
+    return tuple(a for a in args for a in _allowed_types(a)) if args and typing.get_origin(hint) in (typing.Union, types.UnionType) \
+        else (typing.get_origin(hint) or hint,)
+
+def _type_ok(value, allowed:tuple) -> bool:
+    if value is None: return type(None) in allowed
+    if isinstance(value, bool): return bool in allowed
+    if isinstance(value, float): return float in allowed and math.isfinite(value)
+    if isinstance(value, int): return int in allowed or float in allowed   # 3 is a fine float
+    return any(isinstance(value, t) for t in allowed if t not in (int, float, bool, type(None)))
+
+def _check_type(cls, section:str, f, value):
+    "Raise `ConfigError` naming `section.field` and the expected type when `value` does not fit the field's annotation."
+    allowed = _allowed_types(typing.get_type_hints(cls)[f.name])
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    items = {type(x) for x in default} if isinstance(default, list) else set()   # a list field: its default's item type
+    ok = _type_ok(value, allowed) and not (isinstance(value, list) and items and not all(type(x) in items for x in value))
+    if ok: return
+    want = ' or '.join('null' if t is type(None) else _TYPE_NAMES.get(t, t.__name__) for t in allowed)
+    if items: want += ' of ' + ' or '.join({str: 'strings', int: 'integers', float: 'numbers'}.get(t, t.__name__) for t in items)
+    eg = json.dumps(default[:2] if isinstance(default, list) else default if default is not None else {int: 1, float: 0.1, str: 'text', bool: True, list: [], dict: {}}[allowed[0]])
+    raise ConfigError(f"{section}.{f.name} = {value!r} has the wrong type: expected {want}, e.g. {section}.{f.name}={eg}")
+
 def _build(cls, d:dict, section:str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
+    if not isinstance(d, dict): raise ConfigError(f"section '{section}' = {d!r} must be a JSON object of fields, e.g. {{\"{section}\": {{...}}}}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(known)
     if unknown: raise ConfigError(f"unknown field(s) {sorted(unknown)} in section '{section}': known fields are {sorted(known)}")
+    for k, v in d.items(): _check_type(cls, section, known[k], v)
     return cls(**d)
 
 def config_from_dict(d:dict) -> CreamConfig:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'SEED_TASKS', 'MC_TASKS', 'RECORD_TASKS', 'ROLES', 'FEATURES', 'NUMBER_INSTRUCTION', 'HUB_REPOS',
            'GSM_SYMBOLIC_SIZE', 'GSM_SYMBOLIC_SEED', 'DataError', 'format_prompt', 'parse_prompt', 'question_key',
            'record_id', 'prompt_record', 'choices_dict', 'validate_records', 'read_records', 'select_oasst1',
-           'load_seed_sft', 'load_test_set', 'load_prompt_pool', 'split_prompts']
+           'load_seed_sft', 'load_test_set', 'load_prompt_pool', 'split_prompts', 'seed_data', 'prompt_pool']
 
 # %% ../nbs/01_data.ipynb #e9377bfd
 SEED_TASKS = ('oasst1', 'sciq')     # seed SFT data: oasst1 from the Hub, SciQ offline
@@ -131,7 +131,7 @@ def _check_row(r:Mapping, where:str):
     "Raise `DataError` if `r` is not a well-formed prompt record; `where` names it ('x.jsonl line 3')."
     where = where + (f" (id {r['id']!r})" if isinstance(r.get('id'), str) and r['id'] else '')
     def bad(field, msg): raise DataError(f"{where}: field '{field}' {msg}")
-    for f in ('messages', 'task', 'choices', 'answer', 'id'):
+    for f in ('messages', 'task', 'choices', 'answer'):
         if f not in r: bad(f, f"is missing: a prompt record has {', '.join(FEATURES)}")
     msgs = r['messages']
     if not isinstance(msgs, list) or not msgs: bad('messages', "must be a non-empty list of {'role', 'content'} turns")
@@ -140,6 +140,7 @@ def _check_row(r:Mapping, where:str):
             bad('messages', f"holds {m!r}: each turn needs 'role' (one of {', '.join(ROLES)}) and 'content' (a string)")
     first = next(m for m in msgs if m['role'] != 'system') if any(m['role'] != 'system' for m in msgs) else None
     if first is None or first['role'] != 'user': bad('messages', "must start (after any system turn) with a user turn")
+    if 'id' not in r: bad('id', f"is missing: a prompt record has {', '.join(FEATURES)}")
     if not first['content'].strip(): bad('messages', "holds an empty prompt: the first user turn has no text")
     if r['task'] not in RECORD_TASKS: bad('task', f"= {r['task']!r} is unknown: expected one of {', '.join(RECORD_TASKS)}")
     try: ch = _choices(r['choices'] or [])
@@ -198,8 +199,17 @@ def _complete(r:dict, counts:Counter) -> dict:
         if user and isinstance(user[0], str) and user[0].strip(): r['id'] = record_id(r['task'], user[0]); counts['id'] += 1
     return r
 
+def _check_answers(rows:list, names:list, source:str):
+    "Seed SFT rows: each must end with a non-empty assistant answer after a user turn."
+    for r, where in zip(rows, names):
+        m = r['messages'][-1]
+        if m['role'] != 'assistant' or not m['content'].strip():
+            raise DataError(f"{source} {where} (id {r['id']!r}): field 'messages' must end with the assistant's answer (a non-empty "
+                            f"'assistant' turn) to be seed SFT data, got a {m['role']!r} turn last")
+
 def read_records(
     path:str|Path, # a .jsonl file, a .arrow file or a save_to_disk folder of prompt records
+    answers:bool=False, # seed SFT data: every record's messages must end with the assistant's answer
 )->Dataset: # validated prompt records (FEATURES)
     "Read and validate a user's own prompt records (JSONL or Arrow)."
     path = Path(path)
@@ -210,6 +220,7 @@ def read_records(
     if not rows: raise DataError(f"{path} holds no records")
     counts = Counter(); rows = [_complete(r, counts) for r in rows]
     _check_rows(rows, names, str(path))
+    if answers: _check_answers(rows, names, str(path))
     if counts: log.info(f"{path}: filled in defaults: " + ', '.join(f"{f} for {n} record(s)" for f, n in counts.items()))
     extra = sorted({k for r in rows for k in r} - set(FEATURES))
     if extra: log.info(f"{path}: ignored column(s) {extra} (not part of a prompt record)")
@@ -592,3 +603,19 @@ def split_prompts(
     sizes = [per_iteration] * iterations if per_iteration else [n // iterations + (t < n % iterations) for t in range(iterations)]
     starts = [sum(sizes[:t]) for t in range(iterations)]
     return [pool.select(order[s:s + k]) for s, k in zip(starts, sizes)]
+
+# %% ../nbs/01_data.ipynb #2e76588f
+def _user_file(field:str, path, answers:bool) -> Dataset:
+    try: return read_records(path, answers=answers)
+    except DataError as e: raise DataError(f"data.{field}: {e}") from None
+
+def seed_data(d) -> Dataset:
+    "The seed SFT data DS a `cream_nb.config.DataConfig` asks for: `seed_file`, else `load_seed_sft(source)`; `seed_size` rows."
+    if d.seed_file: return _take(_user_file('seed_file', d.seed_file, True), d.seed_size, d.seed)
+    return load_seed_sft(source=d.source, limit=d.seed_size, seed=d.seed)
+
+def prompt_pool(d) -> Dataset:
+    "The prompt pool DU a `DataConfig` asks for: `prompts_file` (assistant turns dropped), else `load_prompt_pool(source, tasks)`."
+    if not d.prompts_file: return load_prompt_pool(source=d.source, tasks=d.tasks, seed=d.seed)
+    rows = _user_file('prompts_file', d.prompts_file, False).to_list()
+    return Dataset.from_list([{**r, 'messages': [m for m in r['messages'] if m['role'] != 'assistant']} for r in rows], features=FEATURES)

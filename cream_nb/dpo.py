@@ -6,7 +6,7 @@ Docs: https://cream-nb.github.io/cream_nb/dpo.html.md"""
 
 # %% ../nbs/08_dpo.ipynb #8c589b46
 from __future__ import annotations
-import math, os, tempfile, time
+import math, os, shutil, tempfile, time
 from collections import defaultdict
 from pathlib import Path
 import torch
@@ -123,9 +123,9 @@ def policy_logps(
 
 # %% ../nbs/08_dpo.ipynb #822b4f9b
 from transformers import Trainer, PrinterCallback
-from .sft import precision_args, training_kwargs, training_summary
+from .sft import precision_args, training_kwargs, training_summary, AdapterCheckpoints, checkpoint_dir, weights_probe, train_resumable
 
-class CreamDPOTrainer(Trainer):
+class CreamDPOTrainer(AdapterCheckpoints, Trainer):
     "`transformers.Trainer` whose loss is `cream_loss` on collated (chosen; rejected) batches with stored reference log-probs."
     loss_is_scaled_for_ga = False    # compute_loss returns a per-batch mean: let Trainer divide by the accumulation steps
     def __init__(self, *args, beta:float=0.1, **kwargs):
@@ -193,24 +193,27 @@ def train_dpo(
     tokenizer, # its chat tokenizer
     pairs, # pairs Dataset with reference log-probs (`cream_nb.preferences.preference_pairs`)
     cfg, # cream_nb.config.DPOConfig
-    output_dir, # where M_{t+1} is saved (safetensors, atomically)
+    output_dir, # where M_{t+1} is saved (safetensors, atomically); checkpoints go beside it until it is
     consistency:str|float='avg', # 'avg' (set-level C), 'dyn' (per-prompt c_x) or a fixed rate (1.0: plain DPO)
     seed:int=42, # data order seed
     progress:bool=True, # Trainer's progress bar
     **train_args, # overrides of `dpo_training_args`, e.g. gradient_checkpointing=True
 )->dict: # loss_first/last, train_loss, steps, mean DPO metrics, seconds, seconds_per_step, pairs, history
-    "Train `model` with the consistency-regularised DPO loss on `pairs` and save it to `output_dir`."
+    "Train `model` with the consistency-regularised DPO loss on `pairs` and save it to `output_dir`; a rerun after a kill resumes."
     from cream_nb.models import save_model
     ds = tokenize_pairs(pairs, tokenizer, consistency, cfg.max_length)
     if len(ds) == 0: raise ValueError("the pairs dataset is empty: there is nothing to train on")
     was_training = model.training
-    with tempfile.TemporaryDirectory(prefix='cream-dpo-') as tmp, dropout_off(model):
-        args = dpo_training_args(cfg, tmp, seed, disable_tqdm=not progress, **train_args)
+    work = checkpoint_dir(output_dir, 'dpo', vars(cfg), consistency, seed, train_args, ds.to_dict(), weights_probe(model))
+    with dropout_off(model):
+        args = dpo_training_args(cfg, work, seed, disable_tqdm=not progress, **train_args)
         trainer = CreamDPOTrainer(model=model, args=args, train_dataset=ds, data_collator=CreamDPOCollator(tokenizer.pad_token_id), beta=cfg.beta)
         if not progress: trainer.remove_callback(PrinterCallback)
-        t0 = time.perf_counter(); trainer.train(); seconds = time.perf_counter() - t0
+        t0 = time.perf_counter(); train_resumable(trainer); seconds = time.perf_counter() - t0
         with _gathered_for_save(trainer, model):
-            if trainer.accelerator.is_main_process: save_model(model, output_dir, tokenizer=tokenizer)
+            if trainer.accelerator.is_main_process:
+                save_model(model, output_dir, tokenizer=tokenizer)
+                shutil.rmtree(work, ignore_errors=True)   # the stage is done: its checkpoints go
         trainer.accelerator.wait_for_everyone()
     model.train(was_training)
     out = training_summary(trainer.state.log_history, DPO_METRICS)

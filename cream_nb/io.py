@@ -12,7 +12,7 @@ from typing import Iterable
 
 # %% auto #0
 __all__ = ['ArtifactError', 'atomic_path', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'save_dataset',
-           'load_dataset_dir']
+           'load_dataset_dir', 'RunLocked', 'RunLock', 'check_weights']
 
 # %% ../nbs/00a_io.ipynb #b9d6e11b
 class ArtifactError(RuntimeError):
@@ -43,7 +43,7 @@ def read_json(path):
     path = Path(path)
     if not path.exists(): raise ArtifactError(f"{path} is missing")
     try: return json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise ArtifactError(f"{path} is corrupt (not valid JSON: {e}); delete it or rerun with --force")
+    except json.JSONDecodeError as e: raise ArtifactError(f"{path} is corrupt (not valid JSON: {e})")
 
 def write_jsonl(records:Iterable[dict], path) -> Path:
     "Write one JSON object per line, atomically."
@@ -60,7 +60,7 @@ def read_jsonl(path) -> list[dict]:
         for i, line in enumerate(f, 1):
             if not line.strip(): continue
             try: r = json.loads(line)
-            except json.JSONDecodeError as e: raise ArtifactError(f"{path} line {i} is corrupt ({e}); delete it or rerun with --force")
+            except json.JSONDecodeError as e: raise ArtifactError(f"{path} line {i} is corrupt ({e})")
             if not isinstance(r, dict): raise ArtifactError(f"{path} line {i} must be a JSON object, got {type(r).__name__}")
             out.append(r)
     return out
@@ -78,4 +78,82 @@ def load_dataset_dir(path):
     path = Path(path)
     if not path.exists(): raise ArtifactError(f"{path} is missing")
     try: return load_from_disk(str(path))
-    except Exception as e: raise ArtifactError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it or rerun with --force")
+    except Exception as e: raise ArtifactError(f"{path} is corrupt ({type(e).__name__}: {e})")
+
+# %% ../nbs/00a_io.ipynb #b342873f
+import atexit, logging, socket, time
+from filelock import FileLock, Timeout
+
+class RunLocked(RuntimeError):
+    "Another process is writing this run directory."
+
+class RunLock:
+    "Exclusive writer lock on a run directory: `RUN_DIR/.lock` (held by the OS), `RUN_DIR/.lock.json` (pid, host)."
+    def __init__(self, run_dir): 
+        self.run_dir = Path(run_dir)
+        self.path, self.info = self.run_dir/'.lock', self.run_dir/'.lock.json'
+        self._lock = None
+    def __repr__(self): return f"RunLock({str(self.run_dir)!r}, held={self.held})"
+    @property
+    def held(self) -> bool: return self._lock is not None and self._lock.is_locked
+    def holder(self) -> dict|None:
+        "Who holds (or last held) the lock: {'pid', 'host', 'since'}, or None."
+        try: return json.loads(self.info.read_text())
+        except (FileNotFoundError, json.JSONDecodeError): return None
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+
+# %% ../nbs/00a_io.ipynb #8b48e399
+from fastcore.basics import patch
+
+_HELD = {}   # resolved lock path -> [FileLock, holders]: one OS lock per run directory and process
+
+@patch
+def acquire(self:RunLock) -> RunLock:
+    "Take the lock or raise `RunLocked` naming the holder; a holder file left by a dead writer is taken over."
+    if self._lock is not None: return self
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(self.path.resolve())
+    if key in _HELD: _HELD[key][1] += 1; self._lock = _HELD[key][0]; return self   # this process writes it already
+    lock = FileLock(str(self.path), thread_local=False)
+    try: lock.acquire(timeout=0)
+    except Timeout:
+        h = self.holder() or {}
+        who = f"pid {h.get('pid', '?')} on {h.get('host', '?')} (since {h.get('since', '?')})" if h else "another process"
+        raise RunLocked(f"{self.run_dir} is being written by {who}: wait for it to finish or use another run directory "
+                        "(readers such as `cream status` need no lock)") from None
+    old = self.holder()
+    if old and (old.get('pid'), old.get('host')) != (os.getpid(), socket.gethostname()):
+        logging.getLogger('cream_nb').warning(f"{self.run_dir}: taking over the lock of pid {old.get('pid')} on {old.get('host')}, "
+                                              "which is no longer running (killed?)")
+    self._lock, _HELD[key] = lock, [lock, 1]
+    write_json({'pid': os.getpid(), 'host': socket.gethostname(), 'since': time.strftime('%Y-%m-%dT%H:%M:%S')}, self.info)
+    atexit.register(self.release)
+    return self
+
+@patch
+def release(self:RunLock):
+    "Give the lock back (the last holder in this process removes the holder file); a no-op when not held."
+    if self._lock is None: return
+    key, self._lock = str(self.path.resolve()), None
+    if key not in _HELD: return
+    _HELD[key][1] -= 1
+    if _HELD[key][1] > 0: return
+    lock = _HELD.pop(key)[0]
+    self.info.unlink(missing_ok=True)
+    lock.release()
+
+# %% ../nbs/00a_io.ipynb #dc57d4a7
+def check_weights(
+    folder, # a saved model or adapter (save_model's output)
+)->Path: # `folder`, when every .safetensors file in it is whole
+    "Raise `ArtifactError` naming the file when `folder` is missing, holds no weights, or a .safetensors file is cut short or corrupt."
+    from safetensors import safe_open
+    folder = Path(folder)
+    files = sorted(folder.glob('*.safetensors')) if folder.is_dir() else []
+    if not files: raise ArtifactError(f"{folder} holds no model weights (*.safetensors)")
+    for f in files:
+        try:
+            with safe_open(str(f), 'pt') as h: list(h.keys())
+        except Exception as e: raise ArtifactError(f"{f} is corrupt or cut short ({type(e).__name__}: {str(e)[:120]})") from None
+    return folder

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from fastcore.basics import patch
 
 from .config import CreamConfig, preset, load_config, save_config, config_from_dict, ConfigError
-from .io import write_json, read_json, write_jsonl, read_jsonl, save_dataset, load_dataset_dir, ArtifactError
+from .io import write_json, read_json, write_jsonl, read_jsonl, save_dataset, load_dataset_dir, ArtifactError, RunLock, check_weights
 from .methods import ScoreContext, method_for
 
 log = logging.getLogger('cream_nb')
@@ -24,8 +24,8 @@ logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
 warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.*is deprecated')
 
 # %% auto #0
-__all__ = ['log', 'NEUTRAL_DEFAULTS', 'STAGES', 'fingerprint', 'StageMismatch', 'StageLog', 'run_stage', 'CreamRun', 'Iteration',
-           'run_summary']
+__all__ = ['log', 'REDO', 'NEUTRAL_DEFAULTS', 'UNFINGERPRINTED', 'REBUILD', 'STAGES', 'fingerprint', 'StageMismatch', 'StageLog',
+           'run_stage', 'CreamRun', 'Iteration', 'run_summary']
 
 # %% ../nbs/10_loop.ipynb #5eea22aa
 def fingerprint(*parts) -> str:
@@ -46,12 +46,12 @@ def _diff(old:dict, new:dict, prefix='') -> list[str]:
 
 # %% ../nbs/10_loop.ipynb #6e01c88e
 class StageLog:
-    "Append-only log of stage events (`start`, `done`, `skip`) in `run_dir/stages.jsonl`."
+    "Append-only log of stage events (`start`, `done`, `skip`, each with the writer's pid) in `run_dir/stages.jsonl`."
     def __init__(self, path): self.path = Path(path)
     def add(self, stage:str, event:str, **kw):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, 'a') as f:
-            f.write(json.dumps({'stage': stage, 'event': event, 'time': time.time(), **kw}) + "\n"); f.flush()
+            f.write(json.dumps({'stage': stage, 'event': event, 'time': time.time(), 'pid': os.getpid(), **kw}) + "\n"); f.flush()
     def events(self) -> list[dict]:
         if not self.path.exists(): return []
         out = []
@@ -61,25 +61,40 @@ class StageLog:
         return out
 
 # %% ../nbs/10_loop.ipynb #0bd116f5
+class _Redo(Exception):
+    "Raised by a dry pass (`CreamRun.check`) at the first stage that would run: what follows it cannot be checked yet."
+
+REDO = "rerun with --force to redo this stage"
+
+def _read_marker(name:str, marker:Path, force:bool) -> dict|None:
+    try: m = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError): m = None
+    if isinstance(m, dict) and isinstance(m.get('fingerprint'), str): return m
+    if not force: raise ArtifactError(f"stage {name}: its marker {marker} is corrupt; {REDO}")
+    return None
+
 def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable, log:StageLog,
-              force:bool=False, load:Callable|None=None):
+              force:bool=False, load:Callable|None=None,
+              dry:bool=False, # check only: return load()'s result for a finished stage, raise `_Redo` where work would start
+              begin:Callable|None=None): # called once before the stage writes anything (the run takes its lock there)
     "Run `fn()` unless `marker` says it already ran with fingerprint `fp`; returns `fn()`'s or `load()`'s result."
     marker = Path(marker)
     if marker.exists():
-        try: m = json.loads(marker.read_text())
-        except json.JSONDecodeError: m = {'fingerprint': None, 'config': {}}
-        if m.get('fingerprint') == fp:
+        m = _read_marker(name, marker, force)
+        if m is not None and m['fingerprint'] == fp:
             try: result = load() if load else None
             except ArtifactError as e:  # marked done, but an output is missing or corrupt
-                if not force: raise ArtifactError(f"stage {name}: {e}")
+                if not force: raise ArtifactError(f"stage {name}: {e}; {REDO}") from None
             else:
-                log.add(name, 'skip')
+                if not dry: log.add(name, 'skip')
                 return result
-        elif not force:
+        elif m is not None and not force:
             changed = _diff(m.get('config', {}), cfg) or ['its inputs (an earlier stage was redone)']
             raise StageMismatch(f"stage {name} in {marker.parent} was made with other settings: {'; '.join(changed)}. "
                                 "Use another run directory, or rerun with --force (force=True) to redo it and what follows.")
-        marker.unlink()
+    if dry: raise _Redo(name)
+    if begin: begin()
+    marker.unlink(missing_ok=True)
     for o in outputs:  # a stage redone from scratch: drop what an earlier run left
         o = Path(o)
         if o.is_dir(): shutil.rmtree(o)
@@ -101,13 +116,14 @@ def _as_config(config) -> CreamConfig:
     return preset(str(config))
 
 NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the value that behaves as before the field existed
-                    'eval.protocol': 'generate', 'consistency.paper_code': False,
+                    'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None,
                     'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto'}
+UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps'}   # how often a stage checkpoints changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:
     "The named sections (or 'section.field' entries) of `cfg` as a dict, for fingerprints and diffs."
     d = cfg.to_dict(); out = {}
-    neutral = lambda key, v: key in NEUTRAL_DEFAULTS and NEUTRAL_DEFAULTS[key] == v
+    neutral = lambda key, v: key in UNFINGERPRINTED or (key in NEUTRAL_DEFAULTS and NEUTRAL_DEFAULTS[key] == v)
     for n in names:
         s, _, f = n.partition('.')
         if f:
@@ -120,7 +136,7 @@ class CreamRun:
     "A CREAM run in `run_dir`: SFT, then `iterations` self-rewarding iterations, every stage resumable."
     def __init__(self,
                  config, # a CreamConfig, a preset name ('tiny', 'cpu-demo', ...) or a JSON config path
-                 run_dir, # where every artifact goes (created if missing)
+                 run_dir, # where every artifact goes (created when the first stage runs; nothing is written before)
                  force:bool=False, # redo finished stages whose settings changed instead of refusing
                  progress:bool=True): # show progress bars
         from cream_nb.models import CheckpointRegistry
@@ -128,14 +144,12 @@ class CreamRun:
         method_for(self.cfg)   # a method the registry lacks, or an option it cannot take, is refused before anything runs
         if not progress:
             import datasets; datasets.disable_progress_bars()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = StageLog(self.run_dir/'stages.jsonl')
-        self.registry = CheckpointRegistry(self.run_dir)
-        self._base = self._tok = None
+        self.lock = RunLock(self.run_dir)
+        self._registry = self._base = self._tok = None
         self._full_models = {}
-        self._pool = None
-        save_config(self.cfg, self.run_dir/'config.json')
-        if 'm0' not in self.registry: self.registry.register('m0', self.cfg.model.name, None)
+        self._pool = self._seed = None
+        self._dry = self._begun = False
 
     def __repr__(self): return f"CreamRun({self.cfg.preset or 'custom'} config, method={self.cfg.loop.method}, run_dir={self.run_dir})"
 
@@ -166,6 +180,75 @@ def fp_model(self:CreamRun, name:str) -> str:
     marker = self.run_dir/'_stage_sft.json' if k == 1 else self.run_dir/f'iter{k-1}'/'_stage_train.json'
     if not marker.exists(): raise ArtifactError(f"{name} has not been made yet ({marker} missing): run the stage that makes it first")
     return read_json(marker)['fingerprint']
+
+# %% ../nbs/10_loop.ipynb #deca1e4d
+REBUILD = "rerun `cream run` with --force to rebuild it from the finished stages"
+
+@patch
+def _made(self:CreamRun) -> dict:
+    "Checkpoints the finished stages made, from their markers: name -> (folder, reference)."
+    out = {}
+    if (self.run_dir/'_stage_sft.json').exists(): out['m1'] = (self.run_dir/'m1', 'm0')
+    for t in range(1, self.cfg.loop.iterations + 1):
+        if (self.run_dir/f'iter{t}'/'_stage_train.json').exists(): out[f'm{t+1}'] = (self.run_dir/f'iter{t}'/'model', f'm{t}')
+    return out
+
+@patch
+def _registry_problem(self:CreamRun) -> str|None:
+    "What is wrong with checkpoints.json, given the finished stages; None when nothing is."
+    from cream_nb.models import CheckpointRegistry
+    f, made = self.run_dir/'checkpoints.json', self._made()
+    if not f.exists(): return f"{f} is missing" if made else None
+    try: d = read_json(f)
+    except ArtifactError as e: return str(e)
+    if not isinstance(d, dict): return f"{f} is corrupt (a JSON {type(d).__name__}, not an object of checkpoints)"
+    try: reg = CheckpointRegistry(self.run_dir)
+    except (ArtifactError, ValueError) as e: return str(e)
+    if lost := [n for n in made if n not in reg]: return f"{f} lacks {lost}, which the finished stages made"
+
+@patch(as_prop=True)
+def registry(self:CreamRun):
+    "The run's checkpoints (m0, m1, ...) from checkpoints.json, checked against the finished stages."
+    from cream_nb.models import CheckpointRegistry
+    if self._registry is None:
+        if why := self._registry_problem(): raise ArtifactError(f"{why}; {REBUILD}")
+        self._registry = CheckpointRegistry(self.run_dir)
+    return self._registry
+
+# %% ../nbs/10_loop.ipynb #87cb6c13
+@patch
+def _begin(self:CreamRun):
+    "Before the first write: take the lock, write config.json, make checkpoints.json agree with the finished stages."
+    from cream_nb.models import CheckpointRegistry
+    self.lock.acquire()
+    if self._begun: return
+    if self._registry_problem():   # only reached with --force: `check` refuses it otherwise
+        logging.getLogger('cream_nb').warning(f"rebuilding {self.run_dir/'checkpoints.json'} from the finished stages")
+        (self.run_dir/'checkpoints.json').unlink(missing_ok=True)
+        self._registry = CheckpointRegistry(self.run_dir)
+    save_config(self.cfg, self.run_dir/'config.json')
+    self.registry.register('m0', self.cfg.model.name, None)   # (re)written: a failed model name does not outlive its fix
+    for n, (path, ref) in self._made().items():
+        if n not in self.registry: self.registry.register(n, path, ref)
+    self._begun = True
+
+# %% ../nbs/10_loop.ipynb #6744da45
+@patch
+def check(self:CreamRun):
+    "Everything that can be found wrong before a write: model name, data, registry, and each finished stage."
+    from cream_nb.models import _check_local
+    if self.cfg.model.name not in ('tiny', 'embedded'):
+        try: _check_local(self.cfg.model.name)
+        except FileNotFoundError as e: raise ConfigError(f"model.name: {e}") from None
+    if self.cfg.data.seed_file: self.seed_records()
+    self.prompt_subsets()
+    if not self.force: self.registry
+    self._dry = True
+    try:
+        self.sft(); self.evaluate_m1()
+        for t in range(1, self.cfg.loop.iterations + 1): self.iteration(t).run_all()
+    except _Redo: pass
+    finally: self._dry = False
 
 # %% ../nbs/10_loop.ipynb #2b7be09e
 @patch
@@ -225,21 +308,34 @@ def release_engine(self:CreamRun):
 # %% ../nbs/10_loop.ipynb #49f0c514
 @patch
 def prompt_subsets(self:CreamRun) -> list:
-    "The disjoint prompt subsets DU_1..DU_T, deterministic for a config."
+    "The disjoint prompt subsets DU_1..DU_T, deterministic for a config (`data.prompts_file`, else the built-in pool)."
     if self._pool is None:
-        from cream_nb.data import load_prompt_pool, split_prompts
+        from cream_nb.data import prompt_pool, split_prompts
         d = self.cfg.data
-        pool = load_prompt_pool(source=d.source, tasks=d.tasks, seed=d.seed)
-        self._pool = split_prompts(pool, self.cfg.loop.iterations, per_iteration=d.prompts_per_iteration, seed=d.seed)
+        self._pool = split_prompts(prompt_pool(d), self.cfg.loop.iterations, per_iteration=d.prompts_per_iteration, seed=d.seed)
     return self._pool
+
+@patch
+def seed_records(self:CreamRun):
+    "The seed SFT data DS (`data.seed_file`, else the built-in source), `data.seed_size` of it."
+    if self._seed is None:
+        from cream_nb.data import seed_data
+        self._seed = seed_data(self.cfg.data)
+    return self._seed
+
+def _content_fp(ds) -> str:
+    "A hash of a dataset's records: a user's file feeds the fingerprints by content, not by name."
+    return fingerprint(ds.to_list())
 
 # %% ../nbs/10_loop.ipynb #81027e20
 @patch
 def _fresh_adapter(self:CreamRun, name:str, init_from:str|None):
-    "Create adapter `name` on the base (replacing a stale one from a forced redo) and make it active."
-    from cream_nb.models import add_adapter
+    "Create adapter `name` on the base (replacing a stale one from a forced redo), from `init_from` (loaded if needed), and make it active."
+    from cream_nb.models import add_adapter, load_adapter
     from transformers import set_seed
     base = self.base
+    if init_from is not None and init_from != 'm0' and init_from not in getattr(base, 'peft_config', {}):
+        base = self._base = load_adapter(base, self.registry.path(init_from), init_from)   # a resumed process starts here
     set_seed(self.cfg.loop.seed + int(name[1:]))  # LoRA's random init: the same in every process
     if name in getattr(base, 'peft_config', {}): base.delete_adapter(name)
     self._base = add_adapter(base, name, self.cfg.model, init_from=init_from)
@@ -251,20 +347,22 @@ def sft(self:CreamRun) -> dict:
     "M0 -> M1 on the seed SFT data (skipped when M1 exists and was made with this config)."
     cfg = self.cfg
     conf = _section(cfg, 'model', 'data.source', 'data.seed_size', 'data.seed', 'sft', 'loop.seed')
+    fp = fingerprint('sft', conf)
+    if cfg.data.seed_file:   # a user's seed data: by content
+        conf['data']['seed_file'] = cfg.data.seed_file; fp = fingerprint('sft', conf, _content_fp(self.seed_records()))
     out, metrics_path = self.run_dir/'m1', self.run_dir/'sft_metrics.json'
     def make():
-        from cream_nb.data import load_seed_sft
         from cream_nb.sft import train_sft
         from cream_nb.models import load_model
-        ds = load_seed_sft(source=cfg.data.source, limit=cfg.data.seed_size, seed=cfg.data.seed)
+        ds = self.seed_records()
         self.release_engine()
         model = self._fresh_adapter('m1', None) if self.lora else load_model(cfg.model)[0]
         metrics = train_sft(model, self.tokenizer, ds, cfg.sft, out, seed=cfg.loop.seed, progress=self.progress)
         write_json(metrics, metrics_path)
         self.registry.register('m1', str(out), 'm0')
         return metrics
-    return run_stage('sft', self.run_dir/'_stage_sft.json', fingerprint('sft', conf), conf, [out, metrics_path],
-                     make, self.log, self.force, load=lambda: read_json(metrics_path))
+    return run_stage('sft', self.run_dir/'_stage_sft.json', fp, conf, [out, metrics_path], make, self.log, self.force,
+                     load=lambda: check_weights(out) and read_json(metrics_path), dry=self._dry, begin=self._begin)
 
 # %% ../nbs/10_loop.ipynb #11045734
 @patch
@@ -280,8 +378,12 @@ def _evaluate(self:CreamRun, name:str, out_dir:Path, stage:str, marker:Path) -> 
                            progress=self.progress, resume_path=part)
         part.unlink(missing_ok=True)
         return res
-    return run_stage(stage, marker, fp, conf, [out_dir], make, self.log, self.force,
-                     load=lambda: read_json(out_dir/'metrics.json'))
+    def load():
+        read_jsonl(out_dir/'predictions.jsonl')
+        res = read_json(out_dir/'metrics.json')
+        if not isinstance(res, dict) or 'accuracy' not in res: raise ArtifactError(f"{out_dir/'metrics.json'} holds no accuracy")
+        return res
+    return run_stage(stage, marker, fp, conf, [out_dir], make, self.log, self.force, load=load, dry=self._dry, begin=self._begin)
 
 @patch
 def evaluate_m1(self:CreamRun) -> dict:
@@ -317,7 +419,7 @@ def iteration(self:CreamRun, t:int) -> Iteration:
 @patch
 def _stage(self:Iteration, name, fp, conf, outputs, make, load):
     return run_stage(f'iter{self.t}/{name}', self.dir/f'_stage_{name}.json', fp, conf, outputs, make,
-                     self.run.log, self.run.force, load=load)
+                     self.run.log, self.run.force, load=load, dry=self.run._dry, begin=self.run._begin)
 
 @patch
 def fp(self:Iteration, name:str) -> str:
@@ -356,6 +458,30 @@ def consistency_result(self:Iteration) -> dict: return read_json(self.dir/'consi
 @patch
 def pairs_dataset(self:Iteration): return load_dataset_dir(self.dir/'pairs')
 
+# %% ../nbs/10_loop.ipynb #6f27e6a9
+def _same_ids(path:Path, got:list, want:list, of:str):
+    if sorted(got) != sorted(want):
+        raise ArtifactError(f"{path} holds {len(got)} records for the {len(want)} {of} (cut short or emptied?)")
+
+@patch
+def _checked_samples(self:Iteration) -> list[dict]:
+    "samples.jsonl, checked against prompts.jsonl."
+    samples, n = self.samples(), self.cfg.sampling.n_responses
+    _same_ids(self.dir/'samples.jsonl', [s.get('prompt_id') for s in samples], [p['id'] for p in self.prompts()], 'prompts of prompts.jsonl')
+    for i, s in enumerate(samples, 1):
+        if len(s.get('responses') or []) != n: raise ArtifactError(f"{self.dir/'samples.jsonl'} line {i} holds {len(s.get('responses') or [])} responses, expected {n}")
+    return samples
+
+@patch
+def _checked_rewards(self:Iteration) -> list[dict]:
+    "rewards.jsonl and the scored models' log-probs, checked against samples.jsonl."
+    ids = [s['prompt_id'] for s in self.samples()]
+    rows = self.rewards()
+    _same_ids(self.dir/'rewards.jsonl', [r.get('prompt_id') for r in rows], ids, 'samples of samples.jsonl')
+    for name in self._models_scored():
+        _same_ids(self.dir/f'logps_{name}.jsonl', [r.get('prompt_id') for r in self.logps(name)], ids, 'samples of samples.jsonl')
+    return rows
+
 # %% ../nbs/10_loop.ipynb #59963d31
 @patch
 def sample(self:Iteration) -> list[dict]:
@@ -363,7 +489,8 @@ def sample(self:Iteration) -> list[dict]:
     from cream_nb.engine import GenParams
     prompts = self.run.prompt_subsets()[self.t - 1]
     conf = _section(self.cfg, 'sampling')
-    fp = fingerprint('sample', self.run.fp_model(self.m_t), sorted(prompts['id']), conf)
+    fp = fingerprint('sample', self.run.fp_model(self.m_t), sorted(prompts['id']), conf,
+                     *([_content_fp(prompts)] if self.cfg.data.prompts_file else []))   # a user's prompts: by content
     def make():
         write_jsonl(prompts.to_list(), self.dir/'prompts.jsonl')
         part = _partial_log(self.dir, 'samples', fp)   # batches a killed run finished are not sampled again
@@ -372,7 +499,7 @@ def sample(self:Iteration) -> list[dict]:
         write_jsonl(samples, self.dir/'samples.jsonl')
         part.unlink(missing_ok=True)
         return samples
-    return self._stage('sample', fp, conf, [self.dir/'samples.jsonl'], make, self.samples)
+    return self._stage('sample', fp, conf, [self.dir/'samples.jsonl'], make, self._checked_samples)
 
 # %% ../nbs/10_loop.ipynb #41057717
 @patch
@@ -396,7 +523,7 @@ def score(self:Iteration) -> list[dict]:
         write_json(iteration_reward_accuracy(self.dir), self.dir/'reward_accuracy.json')
         return rows
     outputs = [self.dir/'rewards.jsonl', self.dir/'reward_accuracy.json'] + [self.dir/a for a in spec.artifacts]
-    return self._stage('score', fp, conf, outputs, make, self.rewards)
+    return self._stage('score', fp, conf, outputs, make, self._checked_rewards)
 
 # %% ../nbs/10_loop.ipynb #54a32e16
 @patch
@@ -419,8 +546,12 @@ def consistency(self:Iteration) -> dict:
         res['training'] = self.training_consistency()
         write_json(res, self.dir/'consistency.json')
         return res
+    def load():
+        res = self.consistency_result()
+        if not isinstance(res, dict) or 'per_prompt' not in res: raise ArtifactError(f"{self.dir/'consistency.json'} holds no per-prompt rates")
+        return res
     return self._stage('consistency', fingerprint('consistency', self.fp('score'), conf), conf,
-                       [self.dir/'consistency.json'], make, self.consistency_result)
+                       [self.dir/'consistency.json'], make, load)
 
 # %% ../nbs/10_loop.ipynb #cc8e4719
 @patch
@@ -469,8 +600,8 @@ def train(self:Iteration) -> dict:
         if not self.run.lora: self.run._full_models[self.m_next] = model
         return metrics
     def load():
-        if not (out/'adapter_config.json').exists() and not (out/'config.json').exists():
-            raise ArtifactError(f"{out} holds no model; rerun with --force to train it again")
+        if not (out/'adapter_config.json').exists() and not (out/'config.json').exists(): raise ArtifactError(f"{out} holds no model")
+        check_weights(out)
         return read_json(metrics_path)
     return self._stage('train', fingerprint('train', self.fp('pairs'), conf), conf, [out, metrics_path], make, load)
 
@@ -489,10 +620,15 @@ def run_all(self:Iteration) -> dict:
 # %% ../nbs/10_loop.ipynb #431a187a
 @patch
 def run(self:CreamRun) -> dict:
-    "Everything: SFT, M1's evaluation, every iteration, then `summary.json`."
-    self.sft(); self.evaluate_m1()
-    for t in range(1, self.cfg.loop.iterations + 1): self.iteration(t).run_all()
-    return self.summary()
+    "Everything: SFT, M1's evaluation, every iteration, then `summary.json`; under the run's lock, after `check`."
+    self.lock.acquire()   # a second writer is refused here, before it reads or writes anything
+    try:
+        self.check()
+        self.sft(); self.evaluate_m1()
+        for t in range(1, self.cfg.loop.iterations + 1): self.iteration(t).run_all()
+        self._begin()
+        return self.summary()
+    finally: self.lock.release(); self._begun = False
 
 # %% ../nbs/10_loop.ipynb #a7705c3e
 STAGES = ('sample', 'score', 'consistency', 'pairs', 'train', 'evaluate')

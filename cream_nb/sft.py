@@ -6,12 +6,17 @@ Docs: https://cream-nb.github.io/cream_nb/sft.html.md"""
 
 # %% ../nbs/03_sft.ipynb #361d1ec5
 from __future__ import annotations
-import tempfile, time
+import hashlib, json, logging, os, shutil, tempfile, time
+from pathlib import Path
 import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger('cream_nb')
 
 # %% auto #0
-__all__ = ['sft_examples', 'precision_args', 'training_kwargs', 'sft_training_args', 'sft_trainer', 'training_summary',
-           'train_sft']
+__all__ = ['log', 'CHECKPOINT_DONE', 'sft_examples', 'last_checkpoint', 'CheckpointMarker', 'AdapterCheckpoints', 'weights_probe',
+           'checkpoint_dir', 'train_resumable', 'precision_args', 'training_kwargs', 'sft_training_args', 'sft_trainer',
+           'training_summary', 'train_sft']
 
 # %% ../nbs/03_sft.ipynb #b016214f
 def sft_examples(
@@ -31,6 +36,89 @@ def sft_examples(
         out['completion'].append([{'role': 'assistant', 'content': msgs[-1]['content']}])
     return Dataset.from_dict(out)
 
+# %% ../nbs/03_sft.ipynb #7d4ecdc9
+CHECKPOINT_DONE = 'complete'
+
+def _step(d:Path) -> int: return int(d.name.rpartition('-')[2]) if d.name.rpartition('-')[2].isdigit() else -1
+
+def last_checkpoint(
+    folder, # a Trainer output_dir holding checkpoint-N folders
+)->Path|None: # the newest complete checkpoint, or None
+    "The newest `checkpoint-N` in `folder` holding the `complete` marker; incomplete ones (a kill while saving) are removed."
+    done = []
+    for d in Path(folder).glob('checkpoint-*'):
+        if (d/CHECKPOINT_DONE).exists() and _step(d) >= 0: done.append(d)
+        else: shutil.rmtree(d, ignore_errors=True)
+    return max(done, key=_step, default=None)
+
+class CheckpointMarker(TrainerCallback):
+    "Once Trainer has saved `checkpoint-N` in full: write its `complete` marker, then remove the older checkpoints."
+    def on_save(self, args, state, control, **kw):
+        if not state.is_world_process_zero: return
+        d = Path(args.output_dir)/f'checkpoint-{state.global_step}'
+        tmp = d/f'.{CHECKPOINT_DONE}.tmp'
+        tmp.write_text(json.dumps({'step': state.global_step}) + "\n"); os.replace(tmp, d/CHECKPOINT_DONE)
+        for old in Path(args.output_dir).glob('checkpoint-*'):
+            if old != d: shutil.rmtree(old, ignore_errors=True)
+
+# %% ../nbs/03_sft.ipynb #6050236a
+def _peft(model) -> bool:
+    from peft import PeftModel
+    return isinstance(model, PeftModel)
+
+class AdapterCheckpoints:
+    "Trainer mixin: a PEFT model's checkpoints hold its active adapter only, and resuming loads them back into it."
+    def _plain(self): return getattr(self, 'is_deepspeed_enabled', False) or getattr(self, 'is_fsdp_enabled', False)
+    def _save(self, output_dir=None, state_dict=None):
+        m = self.accelerator.unwrap_model(self.model)
+        if not _peft(m) or self._plain(): return super()._save(output_dir, state_dict)
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+        os.makedirs(output_dir, exist_ok=True)
+        sd = get_peft_model_state_dict(m, adapter_name=m.active_adapter, save_embedding_layers=False)   # as save_model: no Hub lookup
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.path.join(output_dir, 'adapter_model.safetensors'))
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        m = model or self.model
+        if not _peft(m) or self._plain(): return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        res = set_peft_model_state_dict(m, load_file(os.path.join(resume_from_checkpoint, 'adapter_model.safetensors')), adapter_name=m.active_adapter)
+        if res.unexpected_keys: raise RuntimeError(f"{resume_from_checkpoint} holds weights this adapter lacks: {res.unexpected_keys[:3]}")
+
+# %% ../nbs/03_sft.ipynb #86ed2304
+def weights_probe(model) -> str:
+    "A cheap hash of the trainable weights (about 1024 values per tensor): tells one initialisation from another."
+    h = hashlib.sha256()
+    for n, p in model.named_parameters():
+        if p.requires_grad: h.update(n.encode()); h.update(p.detach().flatten()[::max(1, p.numel() // 1024)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+def checkpoint_dir(
+    output_dir, # where the trained model goes
+    *parts, # what the training depends on (JSON-serialisable): settings, seed, examples, weights_probe(model)
+)->Path: # output_dir's sibling `.<name>.checkpoints-<key>`; folders of other keys are removed
+    "The folder of a training's Trainer checkpoints, keyed by what it depends on."
+    out = Path(output_dir)
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    d = out.with_name(f'.{out.name}.checkpoints-{key}')
+    for old in out.parent.glob(f'.{out.name}.checkpoints-*'):
+        if old != d: log.info(f"removing {old}: checkpoints of other settings"); shutil.rmtree(old, ignore_errors=True)
+    return d
+
+def train_resumable(
+    trainer, # a Trainer whose args.output_dir holds its checkpoints
+)->int: # the step training resumed from (0: from the start)
+    "`trainer.train()`, resumed from the newest complete checkpoint in its output_dir."
+    trainer.add_callback(CheckpointMarker)
+    ckpt = last_checkpoint(trainer.args.output_dir)
+    if ckpt is not None:
+        log.info(f"resuming training from {ckpt} (step {_step(ckpt)})")
+        if hasattr(trainer, '_total_train_tokens'):   # TRL's running token count is not in the checkpoint: carry it on
+            hist = json.loads((ckpt/'trainer_state.json').read_text()).get('log_history', [])
+            trainer._total_train_tokens = int(next((h['num_tokens'] for h in reversed(hist) if 'num_tokens' in h), 0))
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    return _step(ckpt) if ckpt else 0
+
 # %% ../nbs/03_sft.ipynb #6c09d46f
 def precision_args() -> dict:
     "Mixed-precision `TrainingArguments` fields for this machine: bf16 autocast on CUDA devices that support it, else none."
@@ -44,10 +132,12 @@ def training_kwargs(
     seed:int, # data order and initialisation seed
     overrides:dict, # caller's extra fields; old `gradient_checkpointing*` names are renamed for transformers 5
 )->tuple: # (kwargs shared by the SFT and DPO trainers, overrides with current names)
-    "The Trainer arguments SFT and DPO share: our config's schedule, CPU or mixed precision, no checkpoints, no reporting."
+    "The Trainer arguments SFT and DPO share: our config's schedule, CPU or mixed precision, a checkpoint every `save_steps`, no reporting."
+    k = getattr(cfg, 'save_steps', 0)
     kw = dict(output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
               learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
-              optim='adamw_torch', logging_steps=1, save_strategy='no', report_to='none', seed=seed, data_seed=seed,
+              optim='adamw_torch', logging_steps=1, save_strategy='steps' if k else 'no', save_steps=k or 500, save_total_limit=None,
+              report_to='none', seed=seed, data_seed=seed,
               use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False, **precision_args())
     overrides = dict(overrides)
     for old in ('gradient_checkpointing', 'gradient_checkpointing_kwargs'):       # transformers 5 renamed them
@@ -79,8 +169,9 @@ def sft_trainer(
 ):
     "TRL `SFTTrainer` over the seed records, tokenised with the model's chat template, loss on the answers only."
     from trl import SFTTrainer
-    return SFTTrainer(model=model, args=sft_training_args(cfg, output_dir, seed, **overrides),
-                      train_dataset=sft_examples(records), processing_class=tokenizer)
+    trainer_cls = type('CreamSFTTrainer', (AdapterCheckpoints, SFTTrainer), {})
+    return trainer_cls(model=model, args=sft_training_args(cfg, output_dir, seed, **overrides),
+                       train_dataset=sft_examples(records), processing_class=tokenizer)
 
 # %% ../nbs/03_sft.ipynb #1e958361
 def training_summary(
@@ -90,8 +181,9 @@ def training_summary(
     "First and last training loss, mean metrics and the per-step history of a Trainer run."
     steps = [h for h in log_history if 'loss' in h]
     end = next((h for h in log_history if 'train_loss' in h), {})
+    # train_loss: the mean of the per-step losses, not Trainer's `train_loss`, which counts only the steps since a resume
     out = dict(loss_first=steps[0]['loss'] if steps else None, loss_last=steps[-1]['loss'] if steps else None,
-               train_loss=end.get('train_loss'), steps=end.get('step', len(steps)))
+               train_loss=sum(h['loss'] for h in steps) / len(steps) if steps else None, steps=end.get('step', len(steps)))
     for k in metric_keys:
         v = [h[k] for h in steps if k in h]
         out[k] = sum(v) / len(v) if v else None
@@ -104,22 +196,25 @@ def train_sft(
     tokenizer, # its chat tokenizer
     dataset, # seed SFT records (Dataset or list) with `messages` = [..., user, assistant]
     cfg, # cream_nb.config.SFTConfig
-    output_dir, # where M1 is saved (safetensors, atomically)
+    output_dir, # where M1 is saved (safetensors, atomically); checkpoints go beside it until it is
     seed:int=42, # data order seed
     progress:bool=True, # Trainer's progress bar
     **overrides, # fields of TRL's SFTConfig, e.g. gradient_checkpointing=True
 )->dict: # loss_first/last, train_loss, steps, mean_token_accuracy, seconds, seconds_per_step, examples, history
-    "Supervised fine-tuning M0 -> M1 on the seed data, loss on the answers only; M1 saved to `output_dir`."
+    "Supervised fine-tuning M0 -> M1 on the seed data, loss on the answers only; M1 saved to `output_dir`, resumable."
     from transformers import PrinterCallback
     from cream_nb.models import save_model
     if len(dataset) == 0: raise ValueError("the seed SFT dataset is empty: there is nothing to train on")
     was_training = model.training
-    with tempfile.TemporaryDirectory(prefix='cream-sft-') as tmp:
-        trainer = sft_trainer(model, tokenizer, dataset, cfg, tmp, seed, disable_tqdm=not progress, **overrides)
-        if not progress: trainer.remove_callback(PrinterCallback)
-        t0 = time.perf_counter(); trainer.train(); seconds = time.perf_counter() - t0
-        if trainer.accelerator.is_main_process: save_model(model, output_dir, tokenizer=tokenizer)
-        trainer.accelerator.wait_for_everyone()
+    ex = sft_examples(dataset).to_list()
+    work = checkpoint_dir(output_dir, 'sft', vars(cfg), seed, overrides, ex, weights_probe(model))
+    trainer = sft_trainer(model, tokenizer, dataset, cfg, work, seed, disable_tqdm=not progress, **overrides)
+    if not progress: trainer.remove_callback(PrinterCallback)
+    t0 = time.perf_counter(); resumed = train_resumable(trainer); seconds = time.perf_counter() - t0
+    if trainer.accelerator.is_main_process:
+        save_model(model, output_dir, tokenizer=tokenizer)
+        shutil.rmtree(work, ignore_errors=True)       # the stage is done: its checkpoints go
+    trainer.accelerator.wait_for_everyone()
     model.train(was_training)
     out = training_summary(trainer.state.log_history, ('mean_token_accuracy', 'num_tokens'))
     return dict(out, examples=len(trainer.train_dataset), seconds=seconds, seconds_per_step=seconds / max(out['steps'], 1),

@@ -54,7 +54,8 @@ def jupyterlab(tmp_path):
     log = open(tmp_path/'jupyterlab.log', 'w')
     proc = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', '--ServerApp.ip=127.0.0.1', f'--ServerApp.port={port}',
                              '--ServerApp.port_retries=0', f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={ROOT}',
-                             f'--LabApp.user_settings_dir={tmp_path/"lab-settings"}', f'--LabApp.workspaces_dir={tmp_path/"lab-workspaces"}']
+                             f'--LabApp.user_settings_dir={tmp_path/"lab-settings"}', f'--LabApp.workspaces_dir={tmp_path/"lab-workspaces"}',
+                             '--LabApp.expose_app_in_browser=True']   # window.jupyterapp: the tests drive the lab through its command API
                             + (['--allow-root'] if os.geteuid() == 0 else []),   # CI containers run as root
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f'http://127.0.0.1:{port}'
@@ -81,21 +82,54 @@ def cell_errors(page) -> list[str]:
     "Tracebacks shown in the notebook's outputs."
     return [t for t in page.locator('.jp-OutputArea-output').all_inner_texts() if 'Traceback (most recent call last)' in t]
 
+STEP_TIMEOUT_S = 60       # any one step of driving the lab (a page to load, a command to take effect, a cell to start)
+
+def lab(page, js:str, arg=None):
+    "Evaluate `js` (a function of the JupyterLab app object and `arg`) in the page; the app is exposed by expose_app_in_browser."
+    return page.evaluate(f"([arg]) => {{ const app = window.jupyterapp; return ({js})(app, arg); }}", [arg])
+
+def lab_command(page, command:str):
+    "Run a JupyterLab command through the app's command registry (no menu clicks to miss)."
+    lab(page, "(app, c) => app.commands.execute(c)", command)
+
+def kernel_status(page) -> str:
+    "The notebook's kernel status as the app sees it: 'idle', 'busy', 'starting', ... ('' before a session exists)."
+    return lab(page, "app => app.shell.currentWidget?.context?.sessionContext?.session?.kernel?.status ?? ''")
+
+def execution_counts(page) -> list:
+    "Each code cell's execution count in the notebook model (null: not run, or queued)."
+    return lab(page, "app => Array.from(app.shell.currentWidget.content.model.cells).filter(c => c.type === 'code').map(c => c.executionCount)")
+
 def run_all_cells(page):
-    "Clear the stored outputs, run every cell with JupyterLab's Run menu, wait until the last code cell has run; fail early on a traceback."
+    """Clear the stored outputs, run every cell through JupyterLab's command API, wait until the last code cell has run.
+    Run All is confirmed to have started (a cell running or counted) and re-issued if not; a traceback fails at once;
+    a kernel idle with cells left unrun fails within a minute."""
     n = sum(c['cell_type'] == 'code' for c in json.loads((ROOT/TUTORIAL).read_text())['cells'])
-    prompts = page.locator('.jp-CodeCell .jp-InputPrompt')
-    wait_until(lambda: prompts.count() == n, 60, f'JupyterLab to show the {n} code cells of {TUTORIAL}')
+    wait_until(lambda: len(execution_counts(page)) == n, STEP_TIMEOUT_S, f'JupyterLab to load the {n} code cells of {TUTORIAL}')
+    wait_until(lambda: kernel_status(page) == 'idle', 90, 'the kernel to start')
     # first drop the outputs stored in the file, so that every widget and plot checked below comes from this run
-    page.locator('.lm-MenuBar-itemLabel', has_text=re.compile(r'^Edit$')).click()
-    page.locator('.lm-Menu-item[data-command="editmenu:clear-all"]').click()
-    wait_until(lambda: page.locator('.jp-OutputArea-output').count() == 0, 30, 'the stored outputs to be cleared')
-    page.locator('.lm-MenuBar-itemLabel', has_text=re.compile(r'^Run$')).click()
-    page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+    lab_command(page, 'editmenu:clear-all')
+    wait_until(lambda: page.locator('.jp-OutputArea-output').count() == 0 and not any(execution_counts(page)), STEP_TIMEOUT_S,
+               'the stored outputs to be cleared')
+    def started(): return kernel_status(page) == 'busy' or any(execution_counts(page))
+    for attempt in range(3):
+        lab_command(page, 'notebook:run-all-cells')
+        t0 = time.time()
+        while time.time() - t0 < 20 and not started(): time.sleep(0.5)
+        if started(): break
+        print(f"Run All did not start within 20 s (attempt {attempt + 1}); issuing it again")
+    else: pytest.fail("Run All never started: the kernel stayed idle after three notebook:run-all-cells commands")
+    idle_since = [None]
     def done():
         if errs := cell_errors(page): pytest.fail("a tutorial cell failed in JupyterLab:\n" + errs[0][-3000:])
-        texts = prompts.all_inner_texts()
-        return not any('*' in t for t in texts) and re.search(r'\[\d+\]', texts[-1])
+        counts, status = execution_counts(page), kernel_status(page)
+        if all(counts) and status == 'idle': return True
+        if status == 'idle' and not page.locator('.jp-CodeCell .jp-InputPrompt', has_text='*').count():   # nothing running or queued
+            idle_since[0] = idle_since[0] or time.time()
+            if time.time() - idle_since[0] > STEP_TIMEOUT_S:
+                pytest.fail(f"the kernel is idle but code cells {[i for i, c in enumerate(counts) if not c]} never ran")
+        else: idle_since[0] = None
+        return False
     wait_until(done, RUN_ALL_TIMEOUT_S, f'the {n} code cells of {TUTORIAL} to run', every=2)
 
 def shown_prompt(inspector) -> str:
@@ -109,10 +143,11 @@ def test_tutorial_runs_in_jupyterlab_and_its_widgets_work(jupyterlab, tmp_path):
     with sync_playwright() as p:
         ctx = browser(p, tmp_path)
         page = ctx.new_page()
-        page.set_default_timeout(60_000)
+        page.set_default_timeout(STEP_TIMEOUT_S * 1000)
         page.goto(f'{url}/lab/tree/{TUTORIAL}?token={token}&reset')
         page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=90_000)
-        wait_until(lambda: page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').count(), 90, 'the kernel to start')
+        wait_until(lambda: lab(page, "app => !!app && app.shell.currentWidget?.content?.model?.cells?.length > 0"), STEP_TIMEOUT_S,
+                   'the notebook to open in the lab')
         run_all_cells(page)
         page.screenshot(path=str(ARTIFACTS/'browser-tutorial-end.png'))
         # the prompt inspector: ipywidgets rendered by JupyterLab's widget manager

@@ -38,7 +38,8 @@ def test_training_args_follow_our_config():
     assert (a.num_train_epochs, a.learning_rate, a.per_device_train_batch_size, a.gradient_accumulation_steps) == (2, 3e-4, 4, 2)
     assert (a.warmup_steps, a.lr_scheduler_type.value, a.max_length, a.seed, a.data_seed) == (0.2, 'cosine', 128, 7, 7)
     assert a.completion_only_loss is True and a.assistant_only_loss is False and a.packing is False
-    assert a.save_strategy.value == 'no' and a.report_to == [] and a.activation_checkpointing is False
+    assert (a.save_strategy.value, a.save_steps) == ('steps', 50) and a.report_to == [] and a.activation_checkpointing is False   # sft.save_steps
+    assert sft_training_args(SFTConfig(save_steps=0), '/tmp/x').save_strategy.value == 'no'
     if not torch.cuda.is_available(): assert a.bf16 is False and a.use_cpu is True     # no bf16 autocast on a CPU
 
 @pytest.mark.parametrize('rec', [RECS[3], {'id': 'multi', 'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello.'},
