@@ -324,6 +324,8 @@ def generation_copy(
     c = copy.deepcopy(model)
     if isinstance(c, PeftModel):
         c = c.unload() if _adapters_disabled(model) else c.merge_and_unload(adapter_names=[model.active_adapter])
+    for m in c.modules():   # a Trainer (accelerate) wraps `model.forward` in an instance attribute whose closure still
+        m.__dict__.pop('forward', None)   # calls the *original* model: the copy must run its own class's forward
     for p in c.parameters(): p.requires_grad_(False)
     return c.to(dtype).eval()
 
