@@ -222,3 +222,18 @@ def test_library_generates_only_through_engines():
                    (f.name == 'vllm_engine.py' and re.search(r'llm$', recv)):
                     bad.append(f"{f.name}:{node.lineno}: {recv}.generate(...)")
     assert not bad, "generation must go through cream_nb.engine: " + '; '.join(bad)
+
+
+def test_copy_runs_its_own_forward_after_a_trainer_wrapped_it(lora):
+    "accelerate leaves `model.forward` wrapped as an instance attribute; the generation copy must not call the original."
+    from cream_nb.engine import generation_copy
+    pm, tok = lora
+    base = pm.get_base_model()
+    orig, calls = base.forward, []
+    def wrapped(*a, **k): calls.append(1); return orig(*a, **k)
+    base.forward = wrapped
+    try:
+        g = generation_copy(pm, torch.float32)
+        with torch.no_grad(): g(torch.tensor([[1, 2, 3]]))
+        assert calls == [] and 'forward' not in vars(g)
+    finally: del base.forward
