@@ -278,12 +278,15 @@ def greedy_answers(
     cfg, # `EvalConfig`: max_new_tokens, batch_size
     progress:bool=True, # show a progress bar
     resume_path=None, # batch log: answers a killed run finished are not generated again
+    engine=None, # a generation engine (cream_nb.engine) to answer with instead of an HFEngine over `model` (the loop's)
+    checkpoint:str|None=None, # the engine's checkpoint that answers ('m1', 'm2', ...)
 )->list: # one greedy response (str) per record, in order
     "One greedy answer per prompt record."
     from cream_nb.config import SamplingConfig
     from cream_nb.sampling import sample_responses
     scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    samples = sample_responses(model, tokenizer, records, scfg, greedy=True, progress=progress, resume_path=resume_path)
+    samples = sample_responses(model, tokenizer, records, scfg, greedy=True, progress=progress, resume_path=resume_path,
+                               engine=engine, checkpoint=checkpoint)
     assert [s['prompt_id'] for s in samples] == [r['id'] for r in records], "sample_responses must keep the prompt order"
     return [s['responses'][0] for s in samples]
 

@@ -120,7 +120,8 @@ def _as_config(config) -> CreamConfig:
     return preset(str(config))
 
 NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the value that behaves as before the field existed
-                    'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None}
+                    'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None,
+                    'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto'}
 UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps'}   # how often a stage checkpoints changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:
@@ -273,6 +274,41 @@ def model(self:CreamRun, name:str):
             self._full_models[name] = load_model(str(self.registry.path(name)))[0]
         yield self._full_models[name].eval()
 
+# %% ../nbs/10_loop.ipynb #785214e1
+@patch
+def _resolve_checkpoint(self:CreamRun, name:str) -> tuple:
+    "(kind, path) of checkpoint `name` for an engine that loads it itself: ('base', None), ('lora', dir) or ('full', dir)."
+    if name == 'm0': return ('base', None)
+    if name not in self.registry:
+        raise KeyError(f"checkpoint {name!r} does not exist in {self.run_dir}: available {self.registry.names()}")
+    return ('lora' if self.lora else 'full', str(self.registry.path(name)))
+
+@patch
+def _engine_base_dir(self:CreamRun) -> str:
+    "The folder (or Hub id) of M0's weights, for an engine that loads the base itself."
+    from cream_nb.models import embedded_model_dir, _tiny_dir
+    n = self.cfg.model.name
+    return str(embedded_model_dir() if n == 'embedded' else _tiny_dir() if n == 'tiny' else n)
+
+# %% ../nbs/10_loop.ipynb #29e43f96
+@patch(as_prop=True)
+def engine(self:CreamRun):
+    "The run's generation engine (`sampling.engine`: 'hf', 'vllm' or 'auto'), made on first use."
+    if getattr(self, '_engine', None) is None:
+        from cream_nb.engine import make_engine, resolve_engine_kind
+        s = self.cfg.sampling
+        if resolve_engine_kind(s.engine) == 'hf':
+            self._engine = make_engine('hf', model=self.model, tokenizer=self.tokenizer, dtype=s.engine_dtype, batch_size=s.batch_size)
+        else:
+            self._engine = make_engine('vllm', base_dir=self._engine_base_dir(), tokenizer=self.tokenizer, resolve=self._resolve_checkpoint,
+                                       lora_rank=self.cfg.model.lora_r, dtype=s.engine_dtype, seed=s.seed)
+    return self._engine
+
+@patch
+def release_engine(self:CreamRun):
+    "Take the engine's memory back (before training); it serves again on the next generation."
+    if getattr(self, '_engine', None) is not None: self._engine.release()
+
 # %% ../nbs/10_loop.ipynb #49f0c514
 @patch
 def prompt_subsets(self:CreamRun) -> list:
@@ -325,6 +361,7 @@ def sft(self:CreamRun) -> dict:
         from cream_nb.sft import train_sft
         from cream_nb.models import load_model
         ds = self.seed_records()
+        self.release_engine()
         model = self._fresh_adapter('m1', None) if self.lora else load_model(cfg.model)[0]
         metrics = train_sft(model, self.tokenizer, ds, cfg.sft, out, seed=cfg.loop.seed, progress=self.progress)
         write_json(metrics, metrics_path)
@@ -337,7 +374,7 @@ def sft(self:CreamRun) -> dict:
 @patch
 def _evaluate(self:CreamRun, name:str, out_dir:Path, stage:str, marker:Path) -> dict:
     "Evaluate checkpoint `name` into `out_dir` as a resumable stage."
-    conf = _section(self.cfg, 'eval', 'data.source')
+    conf = _section(self.cfg, 'eval', 'data.source', 'sampling.engine', 'sampling.engine_dtype')
     fp = fingerprint('eval', self.fp_model(name), conf)
     def make():
         from cream_nb.evaluate import evaluate
@@ -454,8 +491,8 @@ def _checked_rewards(self:Iteration) -> list[dict]:
 # %% ../nbs/10_loop.ipynb #59963d31
 @patch
 def sample(self:Iteration) -> list[dict]:
-    "N responses per prompt of DU_t from M_t."
-    from cream_nb.sampling import sample_responses
+    "N responses per prompt of DU_t from M_t, through the run's engine."
+    from cream_nb.engine import GenParams
     prompts = self.run.prompt_subsets()[self.t - 1]
     conf = _section(self.cfg, 'sampling')
     fp = fingerprint('sample', self.run.fp_model(self.m_t), sorted(prompts['id']), conf,
@@ -463,9 +500,8 @@ def sample(self:Iteration) -> list[dict]:
     def make():
         write_jsonl(prompts.to_list(), self.dir/'prompts.jsonl')
         part = _partial_log(self.dir, 'samples', fp)   # batches a killed run finished are not sampled again
-        with self.run.model(self.m_t) as m:
-            samples = sample_responses(m, self.run.tokenizer, prompts, self.cfg.sampling, progress=self.run.progress,
-                                       resume_path=part)
+        samples = self.run.engine.generate(self.m_t, prompts, GenParams.sampling(self.cfg.sampling), progress=self.run.progress,
+                                           resume_path=part)
         write_jsonl(samples, self.dir/'samples.jsonl')
         part.unlink(missing_ok=True)
         return samples
@@ -568,6 +604,7 @@ def train(self:Iteration) -> dict:
     out, metrics_path = self.dir/'model', self.dir/'dpo_metrics.json'
     def make():
         pairs = self.pairs_dataset()
+        self.run.release_engine()   # training takes the memory the engine held
         if self.run.lora: model = self.run._fresh_adapter(self.m_next, self.m_t)
         else: model = load_model(str(self.run.registry.path(self.m_t)))[0]
         if len(pairs) == 0:
