@@ -102,13 +102,17 @@ class SamplingConfig:
     top_p: float = _f(0.95, "nucleus sampling threshold (paper: 0.95)")
     max_new_tokens: int = _f(256, "longest response in tokens")
     batch_size: int = _f(16, "prompts per generation batch (each expands to N sequences)")
-    seed: int = _f(42, "sampling seed: the same seed gives the same responses")
+    seed: int = _f(42, "sampling seed: the same seed, engine and generation dtype give the same responses")
+    engine: str = _f('auto', "generation engine for sampling, the judge and evaluation: 'hf', 'vllm' or 'auto' (vllm with a GPU and vLLM installed, else hf)")
+    engine_dtype: str = _f('auto', "dtype the hf engine generates in: 'auto' (bf16 on GPUs and CPUs with bf16 instructions, else the model's), 'float32', 'bfloat16', 'float16'")
     def __post_init__(self):
         _check(self.n_responses >= 2, 'sampling', 'n_responses', self.n_responses, "an integer >= 2 (a ranking needs two responses)")
         _check(self.temperature > 0, 'sampling', 'temperature', self.temperature, "a number > 0")
         _check(0 < self.top_p <= 1, 'sampling', 'top_p', self.top_p, "0 < value <= 1")
         _check(self.max_new_tokens >= 1, 'sampling', 'max_new_tokens', self.max_new_tokens, "an integer >= 1")
         _check(self.batch_size >= 1, 'sampling', 'batch_size', self.batch_size, "an integer >= 1")
+        _choice('sampling', 'engine', self.engine, ('auto', 'hf', 'vllm'))
+        _choice('sampling', 'engine_dtype', self.engine_dtype, ('auto', 'float32', 'bfloat16', 'float16'))
 
 # %% ../nbs/00_config.ipynb #eff920cf
 @dataclass
