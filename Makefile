@@ -67,11 +67,14 @@ $(CHROMIUM):
 	@echo "== installing Debian's chromium for the browser tests (needs root; or: sudo apt-get install chromium)"
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
-## All tests: notebooks clean and in sync, README current, every notebook, then pytest (summary last)
-test: $(STAMP) $(CHROMIUM)
+## All tests: notebooks clean and in sync, README current, every notebook, the vLLM engine's notebook cells and
+## tests in .venv-vllm, then the main pytest (its summary line last)
+test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM)
 	$(PY) tools/check_sync.py
 	$(BIN)/nbdev-test --n-workers 1
-	$(BIN)/pytest tests/ -ra
+	$(VLLM_VENV)/bin/nbdev-test --n-workers 1 --flags vllm nbs/03b_vllm_engine.ipynb
+	$(VLLM_PY) -m pytest tests/vllm -ra
+	$(BIN)/pytest tests/ -ra --ignore=tests/vllm
 
 ## Write the library from the notebooks, clean the notebooks, rebuild README.md
 check-sync: $(STAMP)
