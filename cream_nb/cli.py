@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--run-dir', type=Path, required=True, help="where artifacts go; rerun to resume")
     r.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.FIELD=VALUE',
                    help="override one config field, e.g. --set dpo.beta=0.2 (repeatable)")
-    r.add_argument('--method', choices=METHODS, help="cream, srlm, dpo or oracle (loop.method)")
+    from cream_nb.methods import method_names   # the registry: a registered method is a choice
+    r.add_argument('--method', choices=method_names(), help="a registered method (loop.method): " + ", ".join(method_names()))
     r.add_argument('--iterations', type=int, help="T, self-rewarding iterations (loop.iterations)")
     r.add_argument('--force', action='store_true', help="redo finished stages whose settings changed")
     r.add_argument('--quiet', action='store_true', help="no progress bars")

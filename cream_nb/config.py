@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['TASKS', 'METHODS', 'PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig', 'SFTConfig', 'SamplingConfig',
-           'RewardConfig', 'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig', 'CreamConfig',
-           'config_from_dict', 'save_config', 'load_config', 'preset', 'apply_overrides', 'describe']
+__all__ = ['TASKS', 'PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig', 'SFTConfig', 'SamplingConfig', 'RewardConfig',
+           'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig', 'CreamConfig', 'config_from_dict',
+           'save_config', 'load_config', 'preset', 'apply_overrides', 'describe', 'METHODS']
 
 # %% ../nbs/00_config.ipynb #da65ce87
 class ConfigError(ValueError):
@@ -166,16 +166,24 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, 'eval', 'max_new_tokens', self.max_new_tokens, "an integer >= 1")
 
 # %% ../nbs/00_config.ipynb #15ee2f1a
-METHODS = ('cream', 'srlm', 'dpo', 'oracle')
+_all_ = ['METHODS']
+
+def __getattr__(name):
+    "`METHODS`: the names of the registered methods (`cream_nb.methods`), read when asked so later registrations count."
+    if name == 'METHODS':
+        from cream_nb.methods import method_names
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 @dataclass
 class LoopConfig:
     "The iteration runner."
-    method: str = _f('cream', "'cream', 'srlm' (LLM-as-a-judge + DPO), 'dpo' (implicit reward, no regularisation), 'oracle' (gold-answer reward)")
+    method: str = _f('cream', "a registered method (cream_nb.methods): 'cream', 'srlm' (LLM-as-a-judge + DPO), 'dpo' (implicit reward, no regularisation), 'oracle' (gold-answer reward), ...")
     iterations: int = _f(2, "T, self-rewarding iterations after SFT (paper: 2, giving M2 and M3)")
     seed: int = _f(42, "global seed (torch, numpy, python)")
     def __post_init__(self):
-        _choice('loop', 'method', self.method, METHODS)
+        from cream_nb.methods import method_names   # imported here: the registry imports this module
+        _choice('loop', 'method', self.method, method_names())
         _check(self.iterations >= 1, 'loop', 'iterations', self.iterations, "an integer >= 1")
 
 # %% ../nbs/00_config.ipynb #5cc7c4e7

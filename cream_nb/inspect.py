@@ -201,11 +201,9 @@ def filter_prompts(
 
 # %% ../nbs/11_inspect.ipynb #fced83e1
 def _reward_names(method:str|None, t:int) -> tuple:
-    "Labels of the current and previous reward of iteration t under `method`."
-    if method == 'srlm': return (f"M{t} judge score", None)
-    if method == 'oracle': return ("oracle (gold answer)", None)
-    prev = "M0 normalised likelihood" if t == 1 else f"M{t-1} reward"
-    return (f"M{t} reward", prev)
+    "Labels of the current and previous reward of iteration t under `method`, as the method registry names them."
+    from cream_nb.methods import get_method, method_names, implicit_names
+    return get_method(method).reward_names(t) if method in method_names() else implicit_names(t)
 
 def _answers(p:dict, responses:list) -> list:
     "The answer extracted from each response (None for tasks without one)."
