@@ -257,17 +257,20 @@ def judge_rewards(
     model, tokenizer, # the judge (M_t for SRLM) and its tokenizer
     prompts, # Dataset or list of prompt records
     samples:list, # sample records {"prompt_id", "responses"}
-    cfg, # a CreamConfig or RewardConfig: judge_max_new_tokens, batch_size
+    cfg, # a CreamConfig or RewardConfig: judge_max_new_tokens, batch_size (and sampling.engine_dtype)
     progress:bool=True,
+    *, engine=None, # a generation engine (cream_nb.engine) to judge with instead of an HFEngine over `model`
+    checkpoint:str|None=None, # the engine's checkpoint that judges (M_t)
 )->tuple: # ({prompt_id: [float|None]*N}, stats: counts, score histogram and the judgements)
     "LLM-as-a-judge scores (0..5) of every response; unparseable judgements are None and counted."
     from cream_nb.config import SamplingConfig
-    rc = getattr(cfg, 'reward', cfg)
+    rc, dt = getattr(cfg, 'reward', cfg), getattr(getattr(cfg, 'sampling', None), 'engine_dtype', 'auto')
     msgs, resps, keys = _pairs(prompts, samples)
     recs = [{'id': f'{pid}#{j}', 'messages': [{'role': 'user', 'content': judge_prompt(_question(m), r)}]}
             for m, r, (pid, j) in zip(msgs, resps, keys)]
-    scfg = SamplingConfig(max_new_tokens=rc.judge_max_new_tokens, batch_size=rc.batch_size)
-    texts = [o['responses'][0] for o in sample_responses(model, tokenizer, recs, scfg, greedy=True, progress=progress)]
+    scfg = SamplingConfig(max_new_tokens=rc.judge_max_new_tokens, batch_size=rc.batch_size, engine_dtype=dt)
+    texts = [o['responses'][0] for o in sample_responses(model, tokenizer, recs, scfg, greedy=True, progress=progress,
+                                                         engine=engine, checkpoint=checkpoint)]
     scores = {s['prompt_id']: [] for s in samples}; judgements = {s['prompt_id']: [] for s in samples}
     for (pid, _), t in zip(keys, texts): scores[pid].append(parse_judge_score(t)); judgements[pid].append(t)
     got = [x for v in scores.values() for x in v if x is not None]

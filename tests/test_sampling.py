@@ -47,9 +47,10 @@ def test_resume_from_batch_log_generates_only_missing_batches(tmp_path, monkeypa
     lines = (tmp_path/'a.log').read_text().splitlines()
     assert len(lines) == 4
     (tmp_path/'b.log').write_text('\n'.join(lines[:2]) + '\n' + lines[2][:25])
+    from cream_nb.engine import HFEngine
     seeds = []
-    orig = S._generate_batch
-    monkeypatch.setattr(S, '_generate_batch', lambda *a: seeds.append(a[-1]) or orig(*a))
+    orig = HFEngine._generate_batch
+    monkeypatch.setattr(HFEngine, '_generate_batch', lambda self, *a: seeds.append(a[-1]) or orig(self, *a))
     assert S.sample_responses(model, tok, ps, cfg, progress=False, resume_path=tmp_path/'b.log') == full
     assert seeds == [13, 14]
     # a log made for other prompts is not used

@@ -10,6 +10,7 @@ from pathlib import Path
 from cream_nb.config import SamplingConfig
 from cream_nb.models import load_model
 import cream_nb.sampling as sampling
+from cream_nb.engine import HFEngine
 
 QUESTIONS = ['Name a colour.', 'What is the capital of France, the country in Europe west of Germany?', 'Hi',
              'Explain photosynthesis in one sentence, please.', 'Why is the sky blue?']
@@ -19,10 +20,10 @@ def main(out:Path):
     model, tok = load_model('tiny', device=state.device)
     prompts = [{'id': f'q{i}', 'messages': [{'role': 'user', 'content': q}]} for i, q in enumerate(QUESTIONS)]
     done = []                                  # seeds of the batches this process generated
-    orig = sampling._generate_batch
-    def spy(model, tokenizer, prompt_ids, gen, seed):
-        done.append(seed); return orig(model, tokenizer, prompt_ids, gen, seed)
-    sampling._generate_batch = spy
+    orig = HFEngine._generate_batch
+    def spy(self, prompt_ids, params, seed):
+        done.append(seed); return orig(self, prompt_ids, params, seed)
+    HFEngine._generate_batch = spy
     cfg = SamplingConfig(n_responses=3, max_new_tokens=6, batch_size=2, seed=11)
     records = sampling.sample_responses(model, tok, prompts, cfg, progress=False)
     out.mkdir(parents=True, exist_ok=True)
