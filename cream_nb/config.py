@@ -120,9 +120,12 @@ class RewardConfig:
     "Scoring responses: sequence log-probs, the judge prompt, the oracle."
     batch_size: int = _f(8, "sequences per forward pass when scoring")
     judge_max_new_tokens: int = _f(256, "length of an LLM-as-a-judge evaluation (SRLM baseline)")
+    length_control: str = _f('off', "'off', or 'dice': implicit rewards minus alpha * response tokens, alpha balancing the mean lengths of chosen and rejected (DICE; methods cream, dpo)")
     def __post_init__(self):
+        from cream_nb.methods import LENGTH_CONTROLS   # imported here: the methods module imports this one
         _check(self.batch_size >= 1, 'reward', 'batch_size', self.batch_size, "an integer >= 1")
         _check(self.judge_max_new_tokens >= 1, 'reward', 'judge_max_new_tokens', self.judge_max_new_tokens, "an integer >= 1")
+        _choice('reward', 'length_control', self.length_control, tuple(LENGTH_CONTROLS))
 
 # %% ../nbs/00_config.ipynb #1df34373
 @dataclass
@@ -178,7 +181,7 @@ def __getattr__(name):
 @dataclass
 class LoopConfig:
     "The iteration runner."
-    method: str = _f('cream', "a registered method (cream_nb.methods): 'cream', 'srlm' (LLM-as-a-judge + DPO), 'dpo' (implicit reward, no regularisation), 'oracle' (gold-answer reward), ...")
+    method: str = _f('cream', "a registered method (cream_nb.methods): 'cream', 'srlm' (LLM-as-a-judge + DPO), 'dpo' (implicit reward, no regularisation), 'oracle' (gold-answer reward), 'cream-lc' (CREAM with DICE's length control), or one registered since")
     iterations: int = _f(2, "T, self-rewarding iterations after SFT (paper: 2, giving M2 and M3)")
     seed: int = _f(42, "global seed (torch, numpy, python)")
     def __post_init__(self):

@@ -200,10 +200,16 @@ def filter_prompts(
             and all(w in (r['id'] + ' ' + r['question']).casefold() for w in words)]
 
 # %% ../nbs/11_inspect.ipynb #fced83e1
-def _reward_names(method:str|None, t:int) -> tuple:
-    "Labels of the current and previous reward of iteration t under `method`, as the method registry names them."
-    from cream_nb.methods import get_method, method_names, implicit_names
-    return get_method(method).reward_names(t) if method in method_names() else implicit_names(t)
+def _reward_names(method:str|None, t:int, length_control:str='off') -> tuple:
+    "Labels of the current and previous reward of iteration t under `method` and `reward.length_control`, from the method registry."
+    from cream_nb.methods import get_method, method_names, implicit_names, with_length_control
+    if method not in method_names(): return implicit_names(t)
+    return with_length_control(get_method(method), length_control).reward_names(t)
+
+def _length_control(run_dir) -> str:
+    "The run's `reward.length_control` ('off' for a run made before the option existed)."
+    cfg = _opt(read_json, Path(run_dir)/'config.json')
+    return (cfg or {}).get('reward', {}).get('length_control', 'off')
 
 def _answers(p:dict, responses:list) -> list:
     "The answer extracted from each response (None for tasks without one)."
@@ -230,7 +236,7 @@ def prompt_view(
             for i, s in enumerate(responses)]
     return dict(id=prompt_id, iteration=t, task=p['task'], question=_question(p), choices=choices_dict(p), gold=p.get('answer'),
                 c_x=D['rates'].get(prompt_id), consistency_method=D['consistency_method'], chosen=ci, rejected=ri,
-                disagrees=disagrees_with_gold(ok, ci, ri), reward_names=_reward_names(D['method'], t), responses=rows)
+                disagrees=disagrees_with_gold(ok, ci, ri), reward_names=_reward_names(D['method'], t, _length_control(run_dir)), responses=rows)
 
 # %% ../nbs/11_inspect.ipynb #8a91c1e0
 def discordant_pairs(

@@ -27,7 +27,7 @@ warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.*is depre
 __all__ = ['log', 'NEUTRAL_DEFAULTS', 'STAGES', 'fingerprint', 'StageMismatch', 'StageLog', 'run_stage', 'CreamRun', 'Iteration',
            'run_summary']
 
-# %% ../nbs/10_loop.ipynb #8907d8d0
+# %% ../nbs/10_loop.ipynb #5eea22aa
 def fingerprint(*parts) -> str:
     "A short stable hash of JSON-serialisable `parts`."
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -44,7 +44,7 @@ def _diff(old:dict, new:dict, prefix='') -> list[str]:
         elif a != b: out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
 
-# %% ../nbs/10_loop.ipynb #7571c23d
+# %% ../nbs/10_loop.ipynb #6e01c88e
 class StageLog:
     "Append-only log of stage events (`start`, `done`, `skip`) in `run_dir/stages.jsonl`."
     def __init__(self, path): self.path = Path(path)
@@ -60,7 +60,7 @@ class StageLog:
             except json.JSONDecodeError: pass  # a line cut short by a kill: the log is advisory, markers are the truth
         return out
 
-# %% ../nbs/10_loop.ipynb #088cc692
+# %% ../nbs/10_loop.ipynb #0bd116f5
 def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable, log:StageLog,
               force:bool=False, load:Callable|None=None):
     "Run `fn()` unless `marker` says it already ran with fingerprint `fp`; returns `fn()`'s or `load()`'s result."

@@ -107,4 +107,10 @@ def preference_pairs(
         rows.append(row)
     stats['pairs'] = len(rows)
     f = _features(ref_logps is not None)
-    return Dataset.from_dict({k: [row[k] for row in rows] for k in f}, features=f), {**stats, 'set_consistency': C}
+    return Dataset.from_dict({k: [row[k] for row in rows] for k in f}, features=f), {**stats, 'set_consistency': C, **_mean_tokens(rows, S)}
+
+def _mean_tokens(rows:list, S:dict) -> dict:
+    "Mean token count of the chosen and of the rejected responses (`response_token_ids`): the pairs' length bias."
+    ids = [S[r['prompt_id']].get('response_token_ids') for r in rows]
+    if not rows or any(x is None for x in ids): return dict(mean_chosen_tokens=None, mean_rejected_tokens=None)
+    return {f'mean_{side}_tokens': sum(len(x[r[f'{side}_index']]) for x, r in zip(ids, rows)) / len(rows) for side in ('chosen', 'rejected')}

@@ -57,7 +57,8 @@ def test_pairs_on_hand_made_rewards():
     ref = {p: [-20.0 + j for j in range(4)] for p in rewards}
     pairs, stats = preference_pairs(prompts, samples, rewards, rates, ref_logps=ref)
     assert stats == {'prompts': 7, 'pairs': 2, 'skipped_equal_rewards': 1, 'skipped_identical_text': 1,
-                     'skipped_unscored': 1, 'missing': 2, 'set_consistency': pytest.approx(2.8 / 7)}
+                     'skipped_unscored': 1, 'missing': 2, 'set_consistency': pytest.approx(2.8 / 7),
+                     'mean_chosen_tokens': 1.0, 'mean_rejected_tokens': 1.0}   # every response of _sample is one token
     assert pairs.column_names == COLUMNS
     rows = pairs.to_list()
     assert [(r['prompt_id'], r['chosen_index'], r['rejected_index']) for r in rows] == [('a', 1, 2), ('c', 0, 1)]
