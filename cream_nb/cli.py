@@ -65,8 +65,15 @@ def _fmt(x, nd=3):
     if isinstance(x, float): return f"{x:.{nd}f}"
     return str(x)
 
+def _acc_cell(ev:dict, t:str, n_in_head:bool) -> str:
+    "'0.250 [0.05,0.70]': accuracy and its 95% interval (with '/n' when the header does not give n)."
+    from cream_nb.evaluate import metrics_intervals
+    acc, n, iv = metrics_intervals(ev).get(t, (None, None, None))
+    if acc is None: return '-'
+    return _fmt(acc) + (f" [{iv[0]:.2f},{iv[1]:.2f}]" if iv else '') + ('' if n_in_head or n is None else f"/{n}")
+
 def summary_table(summary:dict) -> str:
-    "A plain-text table of a run summary: one row per model, accuracy per task, consistency, pairs, margins."
+    "A plain-text table of a run summary: one row per model, accuracy per task with its 95% interval and n, consistency, pairs, margins."
     rows = []
     if summary.get('m1_eval'): rows.append(('m1 (SFT)', summary['m1_eval'], {}, None, None, None))
     for it in summary['iterations']:
@@ -76,15 +83,18 @@ def summary_table(summary:dict) -> str:
     for r in rows:
         for k in (r[1].get('accuracy') or {}):
             if k not in tasks: tasks.append(k)
-    head = ['model'] + tasks + ['avg', 'C', 'pairs', 'margin', 'rew.acc']
+    ns = {t: {(r[1].get('n') or {}).get(t) for r in rows if t in (r[1].get('accuracy') or {})} for t in tasks}
+    same_n = {t: len(v) == 1 and None not in v for t, v in ns.items()}       # one n for every model: say it in the header
+    head = ['model'] + [f"{t} (n={next(iter(ns[t]))})" if same_n[t] else t for t in tasks] + ['avg', 'C', 'pairs', 'margin', 'rew.acc']
     lines = [head]
     for name, ev, cons, pairs, margin, racc in rows:
-        acc = ev.get('accuracy') or {}
-        lines.append([name] + [_fmt(acc.get(t)) for t in tasks] + [_fmt(ev.get('average')), _fmt(cons.get('set')),
+        lines.append([name] + [_acc_cell(ev, t, same_n[t]) for t in tasks] + [_fmt(ev.get('average')), _fmt(cons.get('set')),
                      _fmt((pairs or {}).get('pairs')), _fmt((margin or {}).get('mean'), 2), _fmt((racc or {}).get('accuracy'))])
     w = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     fmt = lambda l: '  '.join(str(c).ljust(w[i]) for i, c in enumerate(l))
-    return '\n'.join([fmt(lines[0]), '  '.join('-'*x for x in w)] + [fmt(l) for l in lines[1:]])
+    protos = sorted({r[1].get('protocol', 'generate') for r in rows if r[1].get('accuracy')})
+    note = [f"accuracy [95% Wilson interval]; eval protocol: {', '.join(protos)}"] if protos else []
+    return '\n'.join([fmt(lines[0]), '  '.join('-'*x for x in w)] + [fmt(l) for l in lines[1:]] + note)
 
 # %% ../nbs/12_cli.ipynb #f43cd5b4
 def status_text(run_dir) -> str:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['TASKS', 'PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig', 'SFTConfig', 'SamplingConfig', 'RewardConfig',
-           'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig', 'CreamConfig', 'config_from_dict',
-           'save_config', 'load_config', 'preset', 'apply_overrides', 'describe', 'METHODS']
+__all__ = ['TASKS', 'EVAL_PROTOCOLS', 'PRESETS', 'ConfigError', 'ModelConfig', 'DataConfig', 'SFTConfig', 'SamplingConfig',
+           'RewardConfig', 'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig', 'CreamConfig',
+           'config_from_dict', 'save_config', 'load_config', 'preset', 'apply_overrides', 'describe', 'METHODS']
 
 # %% ../nbs/00_config.ipynb #da65ce87
 class ConfigError(ValueError):
@@ -134,8 +134,11 @@ class ConsistencyConfig:
     method: str = _f('kendall', "'kendall' (paper), 'spearman' or 'toporder'")
     mode: str = _f('avg', "'avg': every pair uses the set-level rate C; 'dyn': each pair uses its own prompt's rate")
     fixed: float|None = _f(None, "use this rate instead of a measured one (1.0 is plain DPO); None measures it")
+    paper_code: bool = _f(False, "reproduce Raibows/CREAM's code: ordinal ranks (ties broken by response index), M0's "
+                          "likelihood normalised by the label tokens including the assistant header, 'avg' C over prompts with a pair")
     def __post_init__(self):
         _choice('consistency', 'method', self.method, ('kendall', 'spearman', 'toporder'))
+        _check(isinstance(self.paper_code, bool), 'consistency', 'paper_code', self.paper_code, "true or false")
         _choice('consistency', 'mode', self.mode, ('avg', 'dyn'))
         _check(self.fixed is None or 0 <= self.fixed <= 1, 'consistency', 'fixed', self.fixed, "None or 0 <= value <= 1")
 
@@ -156,6 +159,8 @@ class DPOConfig:
         _check_training('dpo', self)
 
 # %% ../nbs/00_config.ipynb #de8287f8
+EVAL_PROTOCOLS = ('generate', 'loglik')
+
 @dataclass
 class EvalConfig:
     "Downstream evaluation after every iteration."
@@ -163,8 +168,11 @@ class EvalConfig:
     limit: int|None = _f(None, "questions per task (None: the whole test set)")
     max_new_tokens: int = _f(256, "longest answer in tokens (greedy decoding)")
     batch_size: int = _f(16, "questions per generation batch")
+    protocol: str = _f('generate', "'generate' (paper: greedy answer, 'Answer:' extracted) or 'loglik' (multiple choice by "
+                       "option log-likelihood as lm-evaluation-harness scores it, acc and acc_norm; GSM8K stays generative)")
     def __post_init__(self):
         for t in self.tasks: _choice('eval', 'tasks', t, TASKS)
+        _choice('eval', 'protocol', self.protocol, EVAL_PROTOCOLS)
         _check(self.limit is None or self.limit >= 1, 'eval', 'limit', self.limit, "None or an integer >= 1")
         _check(self.max_new_tokens >= 1, 'eval', 'max_new_tokens', self.max_new_tokens, "an integer >= 1")
 

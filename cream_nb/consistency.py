@@ -11,8 +11,9 @@ import numpy as np
 from scipy.stats import rankdata
 
 # %% auto #0
-__all__ = ['CONSISTENCY_METHODS', 'kendall_tau_b', 'spearman_rho', 'top_order_agreement', 'consistency_rate_rows',
-           'consistency_rate', 'consistency_rates', 'set_consistency', 'consistency_summary', 'consistency_report']
+__all__ = ['CONSISTENCY_METHODS', 'kendall_tau_b', 'spearman_rho', 'top_order_agreement', 'ordinal_ranks',
+           'consistency_rate_rows', 'consistency_rate', 'consistency_rates', 'set_consistency', 'consistency_summary',
+           'consistency_report']
 
 # %% ../nbs/06_consistency.ipynb #59ce1c87
 def _as_rows(x, name:str) -> np.ndarray:
@@ -75,13 +76,21 @@ def top_order_agreement(
 # %% ../nbs/06_consistency.ipynb #03a3f8ce
 CONSISTENCY_METHODS = ('kendall', 'spearman', 'toporder')
 
+def ordinal_ranks(
+    x, # (P, N) or (N,) rewards
+) -> np.ndarray: # (P, N) ranks 1..N per row, ties broken by position (first is lower)
+    "Ranks as the paper's code takes them: `scipy.stats.rankdata(method='ordinal')` per row."
+    return rankdata(_as_rows(x, 'rewards'), method='ordinal', axis=-1).astype(np.float64)
+
 def consistency_rate_rows(
     a, # (P, N) rewards the current model gave, one row per prompt
     b, # (P, N) rewards the previous model gave to the same responses
     method:str='kendall', # 'kendall', 'spearman' or 'toporder'
+    paper_code:bool=False, # rank with ties broken by response index first, as Raibows/CREAM does
 ) -> np.ndarray: # (P,) rates in [0, 1]
     "Consistency rate of every row pair at once; 0.5 where a row is constant."
     if method not in CONSISTENCY_METHODS: raise ValueError(f"unknown consistency method {method!r}: choose one of {', '.join(CONSISTENCY_METHODS)}")
+    if paper_code: a, b = _as_rows(a, 'a'), _as_rows(b, 'b'); _check_pair(a, b); a, b = ordinal_ranks(a), ordinal_ranks(b)
     if method == 'toporder': r = top_order_agreement(a, b)
     else: r = ((kendall_tau_b if method == 'kendall' else spearman_rho)(a, b) + 1) / 2
     return np.where(np.isnan(r), 0.5, r)
@@ -90,11 +99,12 @@ def consistency_rate(
     a, # (N,) rewards the current model gave to a prompt's N responses
     b, # (N,) rewards the previous model gave to the same N responses
     method:str='kendall', # 'kendall', 'spearman' or 'toporder'
+    paper_code:bool=False, # ordinal ranks first (ties broken by response index), as Raibows/CREAM does
 ) -> float: # the rate c_x in [0, 1]
     "The consistency rate c_x of one prompt's two reward vectors."
     a, b = _as_rows(a, 'a'), _as_rows(b, 'b')
     if a.shape[0] != 1 or b.shape[0] != 1: raise ValueError(f"consistency_rate takes two vectors of N rewards, got shapes {a.shape} and {b.shape}; use consistency_rate_rows for a batch")
-    return float(consistency_rate_rows(a, b, method)[0])
+    return float(consistency_rate_rows(a, b, method, paper_code)[0])
 
 # %% ../nbs/06_consistency.ipynb #298dc37d
 def _ids(ids) -> str:
@@ -104,6 +114,7 @@ def consistency_rates(
     current:dict, # prompt_id -> N rewards from the current model M_t (ranking J)
     previous:dict, # prompt_id -> the same N responses' rewards from M_{t-1} (ranking K)
     method:str='kendall', # 'kendall', 'spearman' or 'toporder'
+    paper_code:bool=False, # ordinal ranks first (ties broken by response index), as Raibows/CREAM does
 ) -> dict: # prompt_id -> c_x in [0, 1], in `current`'s order
     "Per-prompt consistency rates, matched by prompt id; ids present in only one dict raise ValueError."
     only_cur, only_prev = current.keys() - previous.keys(), previous.keys() - current.keys()
@@ -119,7 +130,7 @@ def consistency_rates(
             for name, d in (('current', current), ('previous', previous)):
                 if n < 2 or not all(x is not None and math.isfinite(x) for x in d[pid]):
                     raise ValueError(f"prompt {pid!r}: {name} rewards {list(d[pid])!r} must be N >= 2 finite numbers (no None)")
-        rates.update(zip(pids, consistency_rate_rows([current[p] for p in pids], [previous[p] for p in pids], method).tolist()))
+        rates.update(zip(pids, consistency_rate_rows([current[p] for p in pids], [previous[p] for p in pids], method, paper_code).tolist()))
     return {pid: rates[pid] for pid in current}
 
 # %% ../nbs/06_consistency.ipynb #46e71d63
@@ -131,8 +142,13 @@ def _rate_values(rates:dict) -> np.ndarray:
 
 def set_consistency(
     rates:dict, # prompt_id -> c_x
+    among=None, # prompt ids to average over (the paper's code: those that produced a pair); None: all
 ) -> float: # C, the mean rate
-    "The set-level consistency rate C: the mean of the per-prompt rates."
+    "The set-level consistency rate C: the mean of the per-prompt rates (of the prompts `among`)."
+    if among is not None:
+        among = set(among); missing = among - rates.keys()
+        if missing: raise ValueError(f"set_consistency: {_ids(missing)} prompts in `among` have no rate")
+        rates = {p: r for p, r in rates.items() if p in among}
     v = _rate_values(rates)
     if not len(v): raise ValueError("set_consistency needs at least one prompt rate, got none")
     return float(v.mean())
@@ -152,8 +168,9 @@ def consistency_report(
     current:dict, # prompt_id -> N rewards from M_t
     previous:dict, # prompt_id -> N rewards from M_{t-1}
     method:str='kendall', # 'kendall', 'spearman' or 'toporder'
-) -> dict: # {"method", "per_prompt": {id: c_x}, "set": C, "summary": {...}}
+    paper_code:bool=False, # ordinal ranks, as Raibows/CREAM does (recorded in the report when set)
+) -> dict: # {"method", "per_prompt": {id: c_x}, "set": C, "summary": {...}} (+ "paper_code": true)
     "Per-prompt rates, C and their summary, ready for `consistency.json`."
-    rates = consistency_rates(current, previous, method)
+    rates = consistency_rates(current, previous, method, paper_code)
     return {'method': method, 'per_prompt': rates, 'set': set_consistency(rates) if rates else None,
-            'summary': consistency_summary(rates)}
+            'summary': consistency_summary(rates), **({'paper_code': True} if paper_code else {})}

@@ -13,7 +13,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['MC_LABELS', 'NUMERIC_TASKS', 'EXTRACT_TASKS', 'extract_answer', 'answers_match', 'accuracy_table', 'correctness',
-           'reward_accuracy', 'iteration_reward_accuracy', 'evaluate']
+           'reward_accuracy', 'iteration_reward_accuracy', 'accuracy_interval', 'task_metrics', 'metrics_intervals',
+           'greedy_answers', 'generate_predictions', 'harness_tasks', 'loglik_predictions', 'evaluate']
 
 # %% ../nbs/09_evaluate.ipynb #dbb9ae42
 MC_LABELS = {'arc_easy': list('ABCDE'), 'arc_challenge': list('ABCDE'), 'openbookqa': list('ABCD'),
@@ -39,18 +40,45 @@ _LABEL_VERBS = re.compile(r"\s+(?:is|was|would|seems|should|must|fits|matches|ma
 def _alt(labels): return '|'.join(sorted(map(re.escape, labels), key=len, reverse=True))
 
 def _is_article(text, label, end):
-    "A bare 'A' followed by a word (other than a verb such as 'is') is the English article."
-    return label.lower() == 'a' and re.match(r"\s+[^\W\d_]", text[end:]) is not None and not _LABEL_VERBS.match(text[end:])
+    "A bare 'A' followed on the same line by a word (other than a verb such as 'is') is the English article."
+    return label.lower() == 'a' and re.match(r"[^\S\n]+[^\W\d_]", text[end:]) is not None and not _LABEL_VERBS.match(text[end:])
 
 # %% ../nbs/09_evaluate.ipynb #dde23881
-def _marked_label(text, labels):
-    "The label right after the first answer marker that is followed by one, else None."
+_FOLLOW_UP = re.compile(r"\n[\s*_#>]*(?:question|problem|q)\s*\d*\s*[:.)]", re.I)
+
+def _own_answer(text, marks=(_ANSWER_MARK,)):
+    "The response up to the first new 'Question:' it invents after its first answer marker."
+    first = min((m.end() for mark in marks if (m := mark.search(text))), default=None)
+    if first is None: return text
+    nxt = _FOLLOW_UP.search(text, first)
+    return text if nxt is None else text[:nxt.start()]
+
+# %% ../nbs/09_evaluate.ipynb #b591ff04
+def _option_list_lines(text, labels):
+    "Spans of runs of consecutive lines listing options ('A. text', 'B) text', '(C) text') under two or more labels."
+    alt = _alt(labels)
+    found = list(re.finditer(rf"^[^\S\n]*[-*>_]*[^\S\n]*[(\[]?[^\S\n]*({alt})[^\S\n]*(?:[.):\]][*_]*[^\S\n]*\S.*$|[.):\]]?\s*\Z)", text, re.I | re.M))
+    runs = []
+    for m in found:     # a run: only blank lines between its lines; a bare label can only end the text (cut off)
+        if runs and not text[runs[-1][-1].end():m.start()].strip(): runs[-1].append(m)
+        else: runs.append([m])
+    return [m.span() for run in runs if len({m[1].casefold() for m in run}) >= 2 for m in run]
+
+def _without_option_list(text, labels):
+    "`text` with its option-list lines blanked (same length, so positions keep their meaning)."
+    for a, b in _option_list_lines(text, labels): text = text[:a] + ' ' * (b - a) + text[b:]
+    return text
+
+# %% ../nbs/09_evaluate.ipynb #90bd7931
+def _marked_labels(text, labels):
+    "The labels right after each answer marker that is followed by one, in order."
     after = re.compile(rf"[\s*_]*(?:(?:option|choice)[\s*_]*)?(?:\(\s*({_alt(labels)})\s*\)|\[\s*({_alt(labels)})\s*\]|({_alt(labels)}){_END})", re.I)
+    got = []
     for mark in _ANSWER_MARK.finditer(text):
         m = after.match(text, mark.end())
         if m is None or (m[3] and _is_article(text, m[3], m.end())): continue
-        return m[1] or m[2] or m[3]
-    return None
+        got.append(m[1] or m[2] or m[3])
+    return got
 
 # %% ../nbs/09_evaluate.ipynb #69d327e4
 def _last_standing_label(text, labels):
@@ -78,17 +106,20 @@ def _num_str(m) -> str:
 _NUM_MARKS = [re.compile(r"####"), re.compile(r"\\boxed\{"), _ANSWER_MARK]
 _SKIP = re.compile(r"[\s*_:]*")
 
+def _number_after(text, m):
+    "The number a marker's number `m` stands for: itself, or the result of the equation it starts."
+    sentence = re.split(r"\n|\.(?=\s|$)|[,;](?=\s)", text[m.end():], maxsplit=1)[0]
+    if '=' in sentence and not re.match(r"[^\S\n]*=", sentence):     # '15 = 10 + 5' states its result first
+        after_eq = _NUM.search(sentence[sentence.rindex('=') + 1:])
+        if after_eq: return _num_str(after_eq)
+    return _num_str(m)
+
 def _marked_number(text):
-    "The number right after the first marker followed by one (or the result of the equation it starts)."
+    "The number right after the last marker followed by one (or the result of the equation it starts)."
+    text = _own_answer(text, _NUM_MARKS)
     for mark in _NUM_MARKS:
-        for mk in mark.finditer(text):
-            m = _NUM.match(text, _SKIP.match(text, mk.end()).end())
-            if m is None: continue
-            sentence = re.split(r"\n|\.(?=\s|$)|[,;](?=\s)", text[m.end():], maxsplit=1)[0]
-            if '=' in sentence:
-                after_eq = _NUM.search(sentence[sentence.rindex('=') + 1:])
-                if after_eq: return _num_str(after_eq)
-            return _num_str(m)
+        found = [m for mk in mark.finditer(text) if (m := _NUM.match(text, _SKIP.match(text, mk.end()).end()))]
+        if found: return _number_after(text, found[-1])
     return None
 
 # %% ../nbs/09_evaluate.ipynb #81429a59
@@ -107,7 +138,10 @@ def extract_answer(
         nums = list(_NUM.finditer(text))
         return _num_str(nums[-1]) if nums else None
     labels = _check_labels(labels, task)
-    got = _marked_label(text, labels) or _last_standing_label(text, labels)
+    text = _without_option_list(_own_answer(text), labels)
+    marked = _marked_labels(text, labels)
+    if len({l.casefold() for l in marked}) >= 3: return None      # 'the correct answer is A. ... is B. ... is C.': no choice
+    got = marked[-1] if marked else _last_standing_label(text, labels)
     return None if got is None else next(l for l in labels if re.fullmatch(re.escape(l), got, re.I))
 
 # %% ../nbs/09_evaluate.ipynb #72bf12e7
@@ -196,39 +230,192 @@ def iteration_reward_accuracy(
     return {k: reward_accuracy({r['prompt_id']: r[k] for r in rows if k in r}, correct) for k in keys}
 
 # %% ../nbs/09_evaluate.ipynb #3820378f
+def accuracy_interval(
+    correct:int, # questions answered correctly
+    n:int, # questions asked
+    level:float=0.95, # coverage of the interval
+)->tuple: # (lo, hi), the Wilson score interval of the accuracy correct / n
+    "Wilson score interval of a binomial proportion."
+    from scipy.stats import norm
+    if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"n = {n!r}: an accuracy interval needs n >= 1 questions")
+    if not (isinstance(correct, (int, np.integer)) and 0 <= correct <= n): raise ValueError(f"correct = {correct!r} must be an integer in [0, n = {n}]")
+    if not 0 < level < 1: raise ValueError(f"level = {level!r} must lie in (0, 1), e.g. 0.95")
+    z, p = norm.ppf(0.5 + level / 2), correct / n
+    centre, half = (p + z*z / (2*n)) / (1 + z*z / n), z / (1 + z*z / n) * np.sqrt(p * (1 - p) / n + z*z / (4*n*n))
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+# %% ../nbs/09_evaluate.ipynb #541351be
+def task_metrics(
+    rows:list, # prediction rows {"task", "correct", ...} (and "correct_norm" under loglik)
+    protocol:str='generate', # the protocol that scored them
+)->dict: # {"protocol", "accuracy", "average", "n", "correct", "interval"} (+ "_norm" entries under loglik)
+    "Per-task accuracy, count and 95% interval of prediction rows, and their macro average."
+    def block(key, suffix=''):
+        t = accuracy_table([dict(task=r['task'], correct=r[key]) for r in rows])
+        return {f'accuracy{suffix}': {k: v['accuracy'] for k, v in t['tasks'].items()}, f'average{suffix}': t['macro_accuracy'],
+                f'correct{suffix}': {k: v['correct'] for k, v in t['tasks'].items()},
+                f'interval{suffix}': {k: list(accuracy_interval(v['correct'], v['n'])) for k, v in t['tasks'].items()}}
+    out = {'protocol': protocol, **block('correct'), 'n': {k: v['n'] for k, v in accuracy_table(rows)['tasks'].items()}}
+    return {**out, **block('correct_norm', '_norm')} if protocol == 'loglik' else out
+
+# %% ../nbs/09_evaluate.ipynb #06c8577a
+def metrics_intervals(
+    metrics:dict, # a metrics.json dict: "accuracy" and, from runs that stored them, "n" and "interval" per task
+    suffix:str='', # '_norm': the intervals of acc_norm (loglik protocol)
+)->dict: # task -> (accuracy, n, (lo, hi)); n and the interval are None where the metrics have no count
+    "Accuracy, question count and 95% interval per task of an evaluation's metrics."
+    out = {}
+    for t, acc in (metrics.get(f'accuracy{suffix}') or {}).items():
+        n, iv = (metrics.get('n') or {}).get(t), (metrics.get(f'interval{suffix}') or {}).get(t)
+        if iv is None and n and acc is not None: iv = accuracy_interval(int(round(acc * n)), int(n))
+        out[t] = (acc, n, None if iv is None else tuple(iv))
+    return out
+
+# %% ../nbs/09_evaluate.ipynb #c105ff8f
+def greedy_answers(
+    model, tokenizer,
+    records:list, # prompt records {"id", "messages", ...}
+    cfg, # `EvalConfig`: max_new_tokens, batch_size
+    progress:bool=True, # show a progress bar
+    resume_path=None, # batch log: answers a killed run finished are not generated again
+    engine=None, # a generation engine (cream_nb.engine) to answer with instead of an HFEngine over `model` (the loop's)
+    checkpoint:str|None=None, # the engine's checkpoint that answers ('m1', 'm2', ...)
+)->list: # one greedy response (str) per record, in order
+    "One greedy answer per prompt record."
+    from cream_nb.config import SamplingConfig
+    from cream_nb.sampling import sample_responses
+    scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    samples = sample_responses(model, tokenizer, records, scfg, greedy=True, progress=progress, resume_path=resume_path,
+                               engine=engine, checkpoint=checkpoint)
+    assert [s['prompt_id'] for s in samples] == [r['id'] for r in records], "sample_responses must keep the prompt order"
+    return [s['responses'][0] for s in samples]
+
+# %% ../nbs/09_evaluate.ipynb #89e8a15c
+def generate_predictions(
+    model, tokenizer,
+    records:list, # prompt records with gold answers
+    cfg, # `EvalConfig`
+    progress:bool=True, resume_path=None,
+)->list: # prediction rows {"task", "id", "question", "response", "extracted", "gold", "correct"}
+    "Prediction rows of the `generate` protocol: greedy answer, extracted, exact match."
+    rows = []
+    for rec, resp in zip(records, greedy_answers(model, tokenizer, records, cfg, progress, resume_path)):
+        labels = [c['label'] for c in rec.get('choices') or []] or None
+        pred = extract_answer(resp, rec['task'], labels)
+        rows.append(dict(task=rec['task'], id=rec['id'], question=rec['messages'][-1]['content'], response=resp,
+                         extracted=pred, gold=rec['answer'], correct=answers_match(pred, rec['answer'], rec['task'])))
+    return rows
+
+# %% ../nbs/09_evaluate.ipynb #330643e3
+_HARNESS_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+  cache_dir: {cache}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+def harness_tasks(
+    records:list, # multiple-choice prompt records with gold answers
+    folder, # where a JSONL and a task YAML per task are written
+)->dict: # task -> lm-eval task name ('cream_<task>')
+    "Write each task's records as an lm-evaluation-harness multiple-choice task over a local JSONL file."
+    import json
+    from cream_nb.data import parse_prompt
+    folder, names = Path(folder), {}
+    for rec in records:
+        q, ch = parse_prompt(rec['messages'][-1]['content'])
+        labels = list(ch)
+        if rec['answer'] not in labels: raise ValueError(f"record {rec['id']!r}: gold answer {rec['answer']!r} is not one of its option labels {labels}")
+        doc = dict(id=rec['id'], question=q, choices=list(ch.values()), labels=labels, gold=labels.index(rec['answer']))
+        with open(folder/f"cream_{rec['task']}.jsonl", 'a') as f: f.write(json.dumps(doc) + '\n')
+        names[rec['task']] = f"cream_{rec['task']}"
+    for task, name in names.items():
+        (folder/f'{name}.yaml').write_text(_HARNESS_YAML.format(name=name, path=json.dumps(str(folder/f'{name}.jsonl')),
+                                                                 cache=json.dumps(str(folder/'hf_cache'))))
+    return names
+
+# %% ../nbs/09_evaluate.ipynb #c98751a9
+from contextlib import contextmanager
+
+@contextmanager
+def _quiet(progress:bool):
+    "Only lm-eval's errors logged; without `progress` no tqdm bars (lm-eval passes `disable=False` itself)."
+    import logging, datasets, tqdm
+    levels = {n: logging.getLogger(n).level for n in ('lm_eval', 'lm-eval')}
+    was_on, init = datasets.is_progress_bar_enabled(), tqdm.tqdm.__init__
+    def silent(self, *a, **k): init(self, *a, **{**k, 'disable': True})
+    if not progress: tqdm.tqdm.__init__ = silent; datasets.disable_progress_bars()
+    for n in levels: logging.getLogger(n).setLevel(logging.ERROR)
+    try: yield
+    finally:
+        for n, l in levels.items(): logging.getLogger(n).setLevel(l)
+        tqdm.tqdm.__init__ = init
+        if was_on: datasets.enable_progress_bars()
+
+# %% ../nbs/09_evaluate.ipynb #a5367f02
+def loglik_predictions(
+    model, tokenizer,
+    records:list, # multiple-choice prompt records with gold answers
+    cfg, # `EvalConfig`: batch_size
+    progress:bool=True, # lm-eval's progress bars
+)->list: # rows {"task", "id", "question", "loglik": [float], "extracted", "extracted_norm", "gold", "correct", "correct_norm"}
+    "Prediction rows of the `loglik` protocol, scored by lm-evaluation-harness on the loaded model."
+    import tempfile
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    with tempfile.TemporaryDirectory() as d, _quiet(progress):
+        names = harness_tasks(records, d)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+        out = simple_evaluate(lm, tasks=list(names.values()), task_manager=TaskManager(include_path=d, include_defaults=False),
+                              log_samples=True, bootstrap_iters=0, random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+    rows = []
+    for task, name in names.items():
+        for s in sorted(out['samples'][name], key=lambda s: s['doc_id']):
+            doc, ll = s['doc'], [float(r[0]) for r in s['filtered_resps']]
+            pick, pick_norm = int(np.argmax(ll)), int(np.argmax(np.array(ll) / [len(c) for c in doc['choices']]))
+            rows.append(dict(task=task, id=doc['id'], question=doc['question'], loglik=ll, extracted=doc['labels'][pick],
+                             extracted_norm=doc['labels'][pick_norm], gold=doc['labels'][doc['gold']],
+                             correct=bool(s['acc']), correct_norm=bool(s['acc_norm'])))
+    return rows
+
+# %% ../nbs/09_evaluate.ipynb #013c7fad
 def evaluate(
     model, # the model to evaluate (any checkpoint: `CreamRun.model(name)` gives one)
     tokenizer,
-    cfg=None, # `EvalConfig`: tasks, questions per task, answer length, batch size
+    cfg=None, # `EvalConfig`: tasks, questions per task, protocol, answer length, batch size
     out_dir=None, # if given, predictions.jsonl and metrics.json are written there (atomically, as one directory)
     source:str='auto', # where test sets come from: 'hub', 'offline' or 'auto'
     progress:bool=True, # show a progress bar
     test_sets:dict|None=None, # task -> Dataset of prompt records, instead of loading the test splits
-    resume_path=None, # batch log for `sample_responses`: answers a killed run finished are not generated again
-)->dict: # {"accuracy": {task: acc}, "average": macro accuracy, "n": {task: questions}, "seconds"}
-    "Greedy-decode an answer to each test question and score it by exact match of the extracted answer."
+    resume_path=None, # batch log of the greedy answers: answers a killed run finished are not generated again
+)->dict: # `task_metrics` (accuracy, average, n, correct, interval per task) and "seconds"
+    "Accuracy of a model on each test task, by the protocol `cfg.protocol` names ('generate' or 'loglik')."
     import time
-    from cream_nb.config import EvalConfig, SamplingConfig
-    from cream_nb.sampling import sample_responses
+    from cream_nb.config import EvalConfig
     from cream_nb.io import atomic_path, write_json, write_jsonl
-    cfg = cfg or EvalConfig()
-    t0 = time.time()
+    cfg, t0 = cfg or EvalConfig(), time.time()
     if test_sets is None:
         from cream_nb.data import load_test_set
         test_sets = {t: load_test_set(t, source=source, limit=cfg.limit) for t in cfg.tasks}
     records = [dict(r) for t in cfg.tasks for r in test_sets[t]]
-    scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    samples = sample_responses(model, tokenizer, records, scfg, greedy=True, progress=progress, resume_path=resume_path)
-    rows = []
-    for rec, s in zip(records, samples):
-        assert s['prompt_id'] == rec['id'], "sample_responses must keep the prompt order"
-        labels = [c['label'] for c in rec.get('choices') or []] or None
-        pred = extract_answer(s['responses'][0], rec['task'], labels)
-        rows.append(dict(task=rec['task'], id=rec['id'], question=rec['messages'][-1]['content'], response=s['responses'][0],
-                         extracted=pred, gold=rec['answer'], correct=answers_match(pred, rec['answer'], rec['task'])))
-    table = accuracy_table(rows)
-    metrics = {'accuracy': {t: v['accuracy'] for t, v in table['tasks'].items()}, 'average': table['macro_accuracy'],
-               'n': {t: v['n'] for t, v in table['tasks'].items()}, 'seconds': round(time.time() - t0, 2)}
+    loglik = cfg.protocol == 'loglik'
+    gen = [r for r in records if not loglik or r['task'] in NUMERIC_TASKS]
+    rows = generate_predictions(model, tokenizer, gen, cfg, progress, resume_path) if gen else []
+    if loglik:
+        rows = [dict(r, correct_norm=r['correct']) for r in rows]    # GSM8K: generative either way
+        mc = [r for r in records if r['task'] not in NUMERIC_TASKS]
+        if mc: rows = loglik_predictions(model, tokenizer, mc, cfg, progress) + rows
+    metrics = {**task_metrics(rows, cfg.protocol), 'seconds': round(time.time() - t0, 2)}
     if out_dir is not None:
         with atomic_path(out_dir) as tmp:
             Path(tmp).mkdir(parents=True)

@@ -33,11 +33,17 @@ def accuracy_figure(summary:dict) -> go.Figure:
             [(it['model'], it['eval']) for it in summary['iterations'] if it.get('eval')]
     fig, tasks = go.Figure(), []
     for _, ev in evals: tasks += [t for t in ev['accuracy'] if t not in tasks]
+    from cream_nb.evaluate import metrics_intervals
     for t in tasks + ['average']:
-        ys = [ev['average'] if t == 'average' else ev['accuracy'].get(t) for _, ev in evals]
-        fig.add_trace(go.Scatter(x=[m for m, _ in evals], y=ys, mode='lines+markers', name=t,
+        cells = [metrics_intervals(ev).get(t, (None, None, None)) for _, ev in evals] if t != 'average' else []
+        ys = [ev['average'] for _, ev in evals] if t == 'average' else [a for a, _, _ in cells]
+        err = dict(type='data', symmetric=False, array=[iv[1] - a if iv else 0 for a, _, iv in cells],
+                   arrayminus=[a - iv[0] if iv else 0 for a, _, iv in cells], thickness=1, width=3) if any(c[2] for c in cells) else None
+        fig.add_trace(go.Scatter(x=[m for m, _ in evals], y=ys, mode='lines+markers', name=t, error_y=err,
+                                 customdata=[[n, *(iv or (None, None))] for _, n, iv in cells] or None,
+                                 hovertemplate=f'{t}: %{{y:.3f}} [%{{customdata[1]:.2f}}, %{{customdata[2]:.2f}}], n=%{{customdata[0]}}<extra></extra>' if cells else None,
                                  line=dict(width=4 if t == 'average' else 2, dash='solid' if t == 'average' else 'dot')))
-    fig.update_layout(title='Accuracy per task', xaxis_title='model', yaxis_title='exact-match accuracy',
+    fig.update_layout(title='Accuracy per task (bars: 95% interval)', xaxis_title='model', yaxis_title='accuracy',
                       yaxis_range=[0, 1], **_LAYOUT)
     return fig
 

@@ -16,8 +16,9 @@ from .sampling import chat_prompt_ids, sample_responses, _prompt_rows
 
 # %% auto #0
 __all__ = ['JUDGE_TEMPLATE', 'build_sequence', 'selective_log_softmax', 'sequence_logps', 'implicit_reward',
-           'normalized_likelihood', 'score_samples', 'scored_models', 'iteration_logps', 'iteration_rewards',
-           'judge_prompt', 'parse_judge_score', 'judge_rewards', 'oracle_rewards']
+           'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts', 'score_samples', 'scored_models',
+           'iteration_logps', 'iteration_rewards', 'judge_prompt', 'parse_judge_score', 'judge_rewards',
+           'oracle_rewards']
 
 # %% ../nbs/05_rewards.ipynb #04c93402
 def build_sequence(
@@ -113,6 +114,33 @@ def normalized_likelihood(
     if (n <= 0).any(): raise ValueError(f"token counts must be >= 1, got {n.tolist()}")
     return lp / n
 
+# %% ../nbs/05_rewards.ipynb #faa7eef2
+def _template_ids(tokenizer, messages) -> list:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    return list(ids['input_ids'] if hasattr(ids, 'keys') else ids)
+
+def paper_label_counts(
+    tokenizer, # the chat tokenizer (its pad token matters: label tokens equal to it are not counted)
+    messages:list, # the prompt turns
+    responses:list, # the responses to it
+)->list: # [int] per response: the tokens Raibows/CREAM rewarding.py averages M0's log-likelihood over
+    "Label tokens the paper's code counts per response: header, response and template end, without pad tokens."
+    n_prefix = len(_template_ids(tokenizer, messages))            # templated without the generation prompt
+    return [sum(t != tokenizer.pad_token_id for t in _template_ids(tokenizer, messages + [{'role': 'assistant', 'content': r}])[n_prefix:])
+            for r in responses]
+
+# %% ../nbs/05_rewards.ipynb #a85c7027
+def with_paper_label_counts(
+    scores:dict, # prompt_id -> {"logps", "n_tokens"} of one model (M0's, from `iteration_logps`)
+    tokenizer,
+    prompts, # the iteration's prompt records
+    samples:list, # its sample records
+)->dict: # the same scores with "n_tokens" replaced by `paper_label_counts` (what `iteration_rewards` divides M0 by)
+    "M0's log-probs with the paper's token counts, for `consistency.paper_code`."
+    by_id = dict(_prompt_rows(prompts))
+    return {s['prompt_id']: {**scores[s['prompt_id']], 'n_tokens': paper_label_counts(tokenizer, by_id[s['prompt_id']], s['responses'])}
+            for s in samples if s['prompt_id'] in scores}
+
 # %% ../nbs/05_rewards.ipynb #bf975717
 def _pairs(prompts, samples) -> tuple:
     "Flattened (messages, response) of every sample, with its (prompt_id, response index)."
@@ -205,7 +233,8 @@ def iteration_rewards(
         if pid not in prev or (prev2 is not None and pid not in prev2): raise ValueError(f"prompt {pid!r} has log-probs of {need[0]} but not of every model in {need}")
         p = prev[pid]
         current = implicit_reward(c['logps'], p['logps'])
-        previous = implicit_reward(p['logps'], prev2[pid]['logps']) if prev2 is not None else normalized_likelihood(p['logps'], p['n_tokens'])
+        if prev2 is not None: previous = implicit_reward(p['logps'], prev2[pid]['logps'])
+        else: previous = normalized_likelihood(p['logps'], p['n_tokens'])
         out[pid] = {'current': current.tolist(), 'previous': previous.tolist()}
     return out
 

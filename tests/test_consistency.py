@@ -151,3 +151,109 @@ def test_report_is_json_ready():
     assert rep['method'] == 'kendall' and rep['per_prompt'] == {'a': pytest.approx(2 / 3), 'b': 0.5}
     assert rep['set'] == pytest.approx((2 / 3 + 0.5) / 2)
     assert json.loads(json.dumps(rep, allow_nan=False))['summary']['n'] == 2
+
+
+# ---- consistency.paper_code: a copy of Raibows/CREAM's computation, in our words, mirroring its arithmetic ----
+from scipy.stats import rankdata
+
+def paper_cal_consistency(file1:dict, file2:dict, method:str) -> dict:
+    "cal_consistency.py: ordinal ranks of each reward list, then scipy's kendalltau / spearmanr, scaled to [0, 1]."
+    out = {}
+    for key in set(file1) & set(file2):
+        s1, s2 = file1[key], file2[key]
+        if len(s1) != len(s2) or None in s1 or None in s2: continue
+        r1, r2 = rankdata(s1, method='ordinal'), rankdata(s2, method='ordinal')
+        if method == 'kendall': out[key] = (kendalltau(r1, r2)[0] + 1) / 2
+        elif method == 'spearman': out[key] = (spearmanr(r1, r2)[0] + 1) / 2
+    return out
+
+def paper_avg_consistency(file1:dict, rates:dict) -> float:
+    "cal_consistency.py keeps prompts whose argmax != argmin reward; data.py averages their (non-None) consistency."
+    kept = [rates.get(k) for k, r in file1.items() if np.argmax(r) != np.argmin(r)]
+    kept = [c for c in kept if c is not None]
+    return sum(kept) / len(kept)
+
+HAND = {   # hand-made rewards with the ties the two treatments disagree on
+    'tie_both':   ([0.5, 0.5, 0.1, 0.9], [0.2, 0.2, 0.1, 0.3]),
+    'tie_one':    ([1.0, 2.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]),
+    'constant':   ([0.7, 0.7, 0.7, 0.7], [0.1, 0.4, 0.2, 0.3]),
+    'untied':     ([0.3, 0.1, 0.4, 0.2], [0.1, 0.2, 0.3, 0.4]),
+    'identical':  ([-1.0, -1.0, -2.0, -3.0], [-5.0, -5.0, -4.0, -6.0]),
+}
+CUR, PREV = {k: v[0] for k, v in HAND.items()}, {k: v[1] for k, v in HAND.items()}
+
+@pytest.mark.parametrize('method', ['kendall', 'spearman'])
+def test_paper_code_rates_equal_the_papers_computation(method):
+    ours = consistency_rates(CUR, PREV, method, paper_code=True)
+    want = paper_cal_consistency(CUR, PREV, method)
+    assert ours.keys() == want.keys()
+    for k in ours: assert ours[k] == pytest.approx(want[k], abs=1e-12), k
+    # and they differ from the project's own tie handling where ties occur
+    default = consistency_rates(CUR, PREV, method)
+    assert default['untied'] == pytest.approx(ours['untied'], abs=1e-12)
+    assert default['constant'] == 0.5 and ours['constant'] != 0.5
+    assert default['tie_one'] != pytest.approx(ours['tie_one'])
+
+def test_paper_code_rates_on_random_tied_rewards():
+    rng = np.random.default_rng(7)
+    cur = {f'p{i}': rng.integers(0, 3, 5).astype(float).tolist() for i in range(60)}   # 3 values for 5 responses: ties
+    prev = {k: rng.integers(0, 3, 5).astype(float).tolist() for k in cur}
+    want, ours = paper_cal_consistency(cur, prev, 'kendall'), consistency_rates(cur, prev, 'kendall', paper_code=True)
+    assert all(ours[k] == pytest.approx(want[k], abs=1e-12) for k in cur)
+
+def test_paper_avg_over_prompts_with_a_pair():
+    rates = consistency_rates(CUR, PREV, paper_code=True)
+    ours = set_consistency(rates, among=[k for k, r in CUR.items() if np.argmax(r) != np.argmin(r)])
+    assert ours == pytest.approx(paper_avg_consistency(CUR, rates), abs=1e-12)
+    assert ours != pytest.approx(set_consistency(rates))            # 'constant' made no pair: the two means differ
+    rep = consistency_report(CUR, PREV, paper_code=True)
+    assert rep['paper_code'] is True and 'paper_code' not in consistency_report(CUR, PREV)
+
+def paper_m0_label_counts(tokenizer, messages:list, responses:list) -> list:
+    "rewarding.py's PaddingCollator + calculate_rewards: left-padded batch, prefix masked, count of labels != pad."
+    prefix = [len(tokenizer.apply_chat_template(messages, tokenize=True)['input_ids'])] * len(responses)
+    convs = [messages + [{'role': 'assistant', 'content': r}] for r in responses]
+    inputs = tokenizer.apply_chat_template(convs, padding=True, return_tensors='pt', return_dict=True)
+    labels = inputs['input_ids'].clone()
+    for i in range(len(labels)):
+        for j in range(len(labels[i])):
+            if labels[i, j] != tokenizer.pad_token_id:
+                labels[i, j:j + prefix[i]] = tokenizer.pad_token_id
+                break
+    return (labels[:, 1:] != tokenizer.pad_token_id).sum(-1).tolist()
+
+def test_paper_m0_counts_equal_the_papers_collator():
+    from cream_nb.models import load_tokenizer, embedded_tokenizer_dir
+    from cream_nb.rewards import paper_label_counts, build_sequence
+    tok = load_tokenizer(embedded_tokenizer_dir())
+    tok.padding_side = 'left'
+    msgs = [{'role': 'user', 'content': 'Which is heavier, a kilo of iron or a kilo of feathers?'}]
+    resps = ['Neither.', 'They weigh the same: one kilogram each.', ' Iron, obviously!\n\nJust kidding: both weigh 1 kg.']
+    want = paper_m0_label_counts(tok, msgs, resps)
+    assert paper_label_counts(tok, msgs, resps) == want
+    ours = [len(build_sequence(tok, msgs, r)[0]) - build_sequence(tok, msgs, r)[1] for r in resps]
+    assert [w - o for w, o in zip(want, ours)] == [4, 4, 4]      # the assistant header, as the issue found
+
+@pytest.mark.slow
+def test_paper_code_through_the_loop(tmp_path):
+    "A tiny run with consistency.paper_code: M0's reward over the paper's label count, ordinal ranks, C over paired prompts."
+    from cream_nb.config import apply_overrides, preset
+    from cream_nb.io import read_json, read_jsonl
+    from cream_nb.loop import CreamRun
+    from cream_nb.rewards import paper_label_counts
+    run = CreamRun(apply_overrides(preset('tiny'), ['consistency.paper_code=true']), tmp_path/'run', progress=False)
+    run.sft(); it = run.iteration(1)
+    it.sample(); it.score(); cons = it.consistency(); pairs = it.pairs()
+    prompts = {p['id']: p for p in read_jsonl(it.dir/'prompts.jsonl')}
+    samples = {s['prompt_id']: s for s in read_jsonl(it.dir/'samples.jsonl')}
+    m0 = {r['prompt_id']: r for r in read_jsonl(it.dir/'logps_m0.jsonl')}            # stored with our own counts
+    rewards = {r['prompt_id']: r for r in read_jsonl(it.dir/'rewards.jsonl')}
+    for pid, r in rewards.items():
+        counts = paper_label_counts(run.tokenizer, prompts[pid]['messages'], samples[pid]['responses'])
+        assert counts == [n + 4 for n in m0[pid]['n_tokens']]
+        assert r['previous'] == pytest.approx([lp / n for lp, n in zip(m0[pid]['logps'], counts)], abs=1e-12)
+    want = paper_cal_consistency({p: r['current'] for p, r in rewards.items()}, {p: r['previous'] for p, r in rewards.items()}, 'kendall')
+    assert cons['paper_code'] is True and all(cons['per_prompt'][p] == pytest.approx(want[p], abs=1e-12) for p in want)
+    C = paper_avg_consistency({p: r['current'] for p, r in rewards.items()}, cons['per_prompt'])
+    assert len(pairs) and all(c == pytest.approx(C, abs=1e-12) for c in pairs['set_consistency'])
+    assert read_json(it.dir/'pairs_stats.json')['set_consistency'] == pytest.approx(C, abs=1e-12)

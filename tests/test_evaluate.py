@@ -1,5 +1,6 @@
 "Answer extraction, matching, accuracy tables and reward diagnostics (cream_nb.evaluate)."
 import json, re
+from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -26,8 +27,19 @@ CASES = [
     ('siqa', None, 'answer is a', 'A'),
     ('siqa', None, 'Answer: A.', 'A'),
     ('arc_easy', None, 'Answer: A is correct, since plants make food.', 'A'),
-    # first explicit answer wins when the model goes on to invent another question
+    # the model's own answer counts, not the one it gives to a question it goes on to invent
     ('arc_easy', None, 'Answer: B\n\nQuestion: What is ice?\nAnswer: D', 'B'),
+    # the last answer marker wins (issue 12)
+    ('arc_easy', None, 'I initially thought the answer is A, but actually the answer is C.', 'C'),
+    ('openbookqa', None, 'The answer is (B). On reflection, the answer is D.', 'D'),
+    # 'A' before a line break is option A, not the article (issue 12)
+    ('arc_easy', None, 'Answer: A\n\nExplanation: the liver filters blood.', 'A'),
+    ('arc_easy', None, 'A\nThe liver is the largest organ.', 'A'),
+    # a response that only repeats the option list chooses nothing (issue 12)
+    ('arc_easy', None, 'A. molten rocks.\nB. igneous rocks.\nC. sedimentary rocks.\nD. metamorphic rocks.', None),
+    ('siqa', None, 'A) be rude\nB) be mean\nC) ask that Sasha buy another one', None),
+    ('arc_easy', None, 'A. molten rocks.\nB. igneous rocks.\n\nThe correct answer is:\n\nB. igneous rocks.', 'B'),
+    ('siqa', None, '1. The correct answer is A.\n2. The correct answer is B.\n3. The correct answer is C.', None),
     # "Answer:" followed by prose, the explicit answer comes later
     ('arc_easy', None, 'Answer: A ball rolls faster on ice. So the answer is (C).', 'C'),
     # --- the article "A" is not option A
@@ -66,6 +78,10 @@ CASES = [
     ('gsm8k', None, 'It drops 4.5 degrees to -2.5 degrees.', '-2.5'),
     ('gsm8k', None, '#### -7', '-7'),
     ('gsm8k', None, 'Answer: 3 + 4 = 7', '7'),
+    # an equation after the marker that states its result first (issue 12)
+    ('gsm8k', None, 'The answer is 15 = 10 + 5.', '15'),
+    ('gsm8k', None, 'The answer is 12. No wait, 5 + 9 = 14, so the answer is 14.', '14'),
+    ('gsm8k', None, '#### 12\n\nQuestion: And for 3 eggs?\n#### 99', '12'),
     ('gsm8k', None, 'Answer: 18 apples, because she had 20 and gave 2 away', '18'),
     ('gsm8k', None, 'Answer: There are 15 trees. 21 - 15 = 6. So the answer is 6.\n\nQuestion: 3 cars?\nAnswer: 3 + 2 = 5. So the answer is 5.', '6'),
     ('gsm8k', None, 'The total is 1,000,000 grains.', '1000000'),
@@ -82,6 +98,20 @@ CASES = [
 @pytest.mark.parametrize('task,labels,text,expected', CASES)
 def test_extract_answer(task, labels, text, expected):
     assert extract_answer(text, task, labels) == expected
+
+# Real responses of the embedded SmolLM2-135M-Instruct (greedy, 64 new tokens) to offline test questions, each
+# with the answer a reader takes from it (`why` says why) and what the extractor before issue 12 gave.
+REAL = json.loads((Path(__file__).parent/'fixtures'/'smollm2_eval_responses.json').read_text())
+
+@pytest.mark.parametrize('case', REAL, ids=[c['id'] for c in REAL])
+def test_extract_answer_real_smollm2_responses(case):
+    assert extract_answer(case['response'], case['task']) == case['expected'], case['why']
+
+def test_real_responses_cover_the_defects():
+    "The fixture holds responses the old extractor misread: option lists read as their last option, several answers."
+    misread = [c for c in REAL if c['previous_extractor'] != c['expected']]
+    assert len(misread) >= 15 and sum(c['expected'] is None for c in misread) >= 12
+    assert {c['task'] for c in REAL} == {'arc_easy', 'arc_challenge', 'openbookqa', 'siqa'}
 
 def test_enough_hand_written_cases():
     assert len(CASES) >= 40 and {c[0] for c in CASES} == {'arc_easy', 'arc_challenge', 'openbookqa', 'siqa', 'gsm8k'}
