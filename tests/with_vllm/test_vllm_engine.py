@@ -128,6 +128,20 @@ def test_full_checkpoint_is_served_as_its_own_model(engine, tiny, tmp_path):
     assert engine._model_dir == str(tiny['base'])                          # back on the base
 
 
+def test_evaluation_greedy_answers_through_vllm(engine, tiny):
+    "Evaluation's greedy answers (cream_nb.evaluate.greedy_answers on real test questions) given by the vLLM engine equal the hf path's."
+    from cream_nb.config import EvalConfig
+    from cream_nb.data import load_test_set
+    from cream_nb.evaluate import greedy_answers
+    recs = [dict(r) for r in load_test_set('arc_easy', source='offline', limit=6)]
+    cfg = EvalConfig(max_new_tokens=8, batch_size=4)
+    got = greedy_answers(None, tiny['tok'], recs, cfg, progress=False, engine=engine, checkpoint='m1')
+    hf = load_adapter(load_model(str(tiny['base']), dtype='float32', device='cpu')[0], tiny['m1'], 'm1')
+    want = greedy_answers(hf, tiny['tok'], recs, cfg, progress=False, engine=HFEngine(hf, tiny['tok'], dtype='float32'), checkpoint='m1')
+    assert len(got) == 6 and all(isinstance(a, str) for a in got)
+    assert sum(a == b for a, b in zip(got, want)) >= 5, f"{got} vs {want}"
+
+
 def test_unservable_model_is_refused_before_loading(tiny):
     e = VLLMEngine(_tiny_dir(), tiny['tok'], lambda n: ('base', None))
     with pytest.raises(ValueError, match="head size 16.*sampling.engine='hf'"):
