@@ -415,7 +415,10 @@ def make_engine(
 )->Engine:
     "The engine `kind` names, built with `kw`."
     if resolve_engine_kind(kind) == 'hf': return HFEngine(**kw)
-    try: from cream_nb.vllm_engine import VLLMEngine
+    import importlib.util
+    try:
+        if importlib.util.find_spec('vllm') is None: raise ImportError("No module named 'vllm'")
+        from cream_nb.vllm_engine import VLLMEngine   # imports vLLM itself only when it first generates
     except ImportError as e:
         raise ImportError(f"sampling.engine='vllm' needs vLLM and cream_nb.vllm_engine ({e}); install vLLM "
                           "(see the vllm engine notebook) or set sampling.engine='hf'") from e

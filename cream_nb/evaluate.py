@@ -296,10 +296,11 @@ def generate_predictions(
     records:list, # prompt records with gold answers
     cfg, # `EvalConfig`
     progress:bool=True, resume_path=None,
+    engine=None, checkpoint:str|None=None, # a generation engine and its checkpoint to answer with (see `greedy_answers`)
 )->list: # prediction rows {"task", "id", "question", "response", "extracted", "gold", "correct"}
     "Prediction rows of the `generate` protocol: greedy answer, extracted, exact match."
     rows = []
-    for rec, resp in zip(records, greedy_answers(model, tokenizer, records, cfg, progress, resume_path)):
+    for rec, resp in zip(records, greedy_answers(model, tokenizer, records, cfg, progress, resume_path, engine, checkpoint)):
         labels = [c['label'] for c in rec.get('choices') or []] or None
         pred = extract_answer(resp, rec['task'], labels)
         rows.append(dict(task=rec['task'], id=rec['id'], question=rec['messages'][-1]['content'], response=resp,
@@ -398,6 +399,8 @@ def evaluate(
     progress:bool=True, # show a progress bar
     test_sets:dict|None=None, # task -> Dataset of prompt records, instead of loading the test splits
     resume_path=None, # batch log of the greedy answers: answers a killed run finished are not generated again
+    engine=None, # a generation engine (cream_nb.engine) for the greedy answers, e.g. the run's; None: an HFEngine over `model`
+    checkpoint:str|None=None, # the engine's checkpoint that answers ('m1', 'm2', ...)
 )->dict: # `task_metrics` (accuracy, average, n, correct, interval per task) and "seconds"
     "Accuracy of a model on each test task, by the protocol `cfg.protocol` names ('generate' or 'loglik')."
     import time
@@ -410,7 +413,7 @@ def evaluate(
     records = [dict(r) for t in cfg.tasks for r in test_sets[t]]
     loglik = cfg.protocol == 'loglik'
     gen = [r for r in records if not loglik or r['task'] in NUMERIC_TASKS]
-    rows = generate_predictions(model, tokenizer, gen, cfg, progress, resume_path) if gen else []
+    rows = generate_predictions(model, tokenizer, gen, cfg, progress, resume_path, engine, checkpoint) if gen else []
     if loglik:
         rows = [dict(r, correct_norm=r['correct']) for r in rows]    # GSM8K: generative either way
         mc = [r for r in records if r['task'] not in NUMERIC_TASKS]

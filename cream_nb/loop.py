@@ -381,7 +381,7 @@ def _evaluate(self:CreamRun, name:str, out_dir:Path, stage:str, marker:Path) -> 
         part = _partial_log(out_dir.parent, out_dir.name, fp)
         with self.model(name) as m:
             res = evaluate(m, self.tokenizer, self.cfg.eval, out_dir=out_dir, source=self.cfg.data.source,
-                           progress=self.progress, resume_path=part)
+                           progress=self.progress, resume_path=part, engine=self.engine, checkpoint=name)
         part.unlink(missing_ok=True)
         return res
     def load():
@@ -532,7 +532,7 @@ def score(self:Iteration) -> list[dict]:
     fp = fingerprint('score', self.fp('sample'), conf, [self.run.fp_model(n) for n in self._models_scored()])
     def make():
         ctx = ScoreContext(self.t, self.cfg, self.prompts(), self.samples(), model=self.run.model,
-                           tokenizer=self.run.tokenizer, progress=self.run.progress)
+                           tokenizer=self.run.tokenizer, progress=self.run.progress, engine=self.run.engine)
         for n in self._models_scored(): self._logps(n)   # each model's log-probs a stage of its own: shareable by fingerprint
         ctx.logps = R.iteration_logps(None, self.run.tokenizer, self.t, ctx.prompts, ctx.samples, self.dir,
                                       batch_size=self.cfg.reward.batch_size, progress=self.run.progress,

@@ -29,6 +29,7 @@ class ScoreContext:
     logps: dict = field(default_factory=dict) # model name -> {prompt_id: {'logps', 'n_tokens'}} for `Method.models(t)`
     model: Callable|None = None # name -> context manager giving the model that computes as checkpoint `name`
     tokenizer: Any = None # the run's tokenizer
+    engine: Any = None # the run's generation engine (cream_nb.engine), for methods that generate (the SRLM judge)
     progress: bool = False # show progress bars
     artifacts: dict = field(default_factory=dict) # file name -> JSON object the loop writes beside rewards.jsonl
 
@@ -105,7 +106,8 @@ def judge_scores(ctx:ScoreContext) -> list:
     "M_t grades each of its responses with the 5-point LLM-as-a-judge prompt (SRLM); `judge_stats.json` keeps the judgements."
     from cream_nb.rewards import judge_rewards
     with ctx.model(f'm{ctx.t}') as m:
-        cur, stats = judge_rewards(m, ctx.tokenizer, ctx.prompts, ctx.samples, ctx.cfg, progress=ctx.progress)
+        cur, stats = judge_rewards(m, ctx.tokenizer, ctx.prompts, ctx.samples, ctx.cfg, progress=ctx.progress,
+                                    engine=ctx.engine, checkpoint=f'm{ctx.t}')
     ctx.artifacts['judge_stats.json'] = stats
     return _current_only(cur, ctx.samples)
 

@@ -103,12 +103,12 @@ def test_srlm_asks_m_t_to_judge_and_keeps_the_judgements(monkeypatch):
     used = []
     @contextlib.contextmanager
     def model(name): used.append(name); yield f'model {name}'
-    def fake_judge(m, tok, prompts, samples, cfg, progress=True):
-        assert m == 'model m2' and tok == 'tok'
+    def fake_judge(m, tok, prompts, samples, cfg, progress=True, engine=None, checkpoint=None):
+        assert m == 'model m2' and tok == 'tok' and engine == 'the run engine' and checkpoint == 'm2'
         return {'q': [4.0, None, 1.0]}, {'n': 3, 'parsed': 2}
     monkeypatch.setattr(R, 'judge_rewards', fake_judge)
     ctx = M.ScoreContext(t=2, cfg=preset('tiny'), prompts=[], samples=[{'prompt_id': 'q', 'responses': ['a', 'b', 'c']}],
-                         model=model, tokenizer='tok')
+                         model=model, tokenizer='tok', engine='the run engine')
     assert M.get_method('srlm').rewards(ctx) == [{'prompt_id': 'q', 'current': [4.0, None, 1.0], 'previous': None}]
     assert used == ['m2'] and ctx.artifacts == {'judge_stats.json': {'n': 3, 'parsed': 2}}
     assert M.get_method('srlm').artifacts == ('judge_stats.json',)
