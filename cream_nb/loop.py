@@ -537,8 +537,9 @@ def score(self:Iteration) -> list[dict]:
         ctx.logps = R.iteration_logps(None, self.run.tokenizer, self.t, ctx.prompts, ctx.samples, self.dir,
                                       batch_size=self.cfg.reward.batch_size, progress=self.run.progress,
                                       names=self._models_scored(), switch=self.run.model)
-        if self.cfg.consistency.paper_code and self.t == 1 and 'm0' in ctx.logps:   # M0's likelihood over the paper's label count
-            ctx.logps['m0'] = R.with_paper_label_counts(ctx.logps['m0'], self.run.tokenizer, ctx.prompts, ctx.samples)
+        if self.cfg.consistency.paper_code and self.t == 1 and 'm0' in ctx.logps:   # M0's likelihood as the paper's code computes it
+            with self.run.model('m0') as m0:
+                ctx.logps['m0'] = R.paper_m0_scores(m0, self.run.tokenizer, ctx.prompts, ctx.samples, self.cfg.reward.batch_size)
         rows = spec.rewards(ctx)
         for fname, obj in ctx.artifacts.items(): write_json(obj, self.dir/fname)
         write_jsonl(rows, self.dir/'rewards.jsonl')

@@ -16,9 +16,9 @@ from .sampling import chat_prompt_ids, sample_responses, _prompt_rows
 
 # %% auto #0
 __all__ = ['JUDGE_TEMPLATE', 'build_sequence', 'selective_log_softmax', 'sequence_logps', 'implicit_reward',
-           'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts', 'score_samples', 'scored_models',
-           'iteration_logps', 'iteration_rewards', 'judge_prompt', 'parse_judge_score', 'judge_rewards',
-           'oracle_rewards']
+           'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts', 'paper_m0_scores', 'score_samples',
+           'scored_models', 'iteration_logps', 'iteration_rewards', 'judge_prompt', 'parse_judge_score',
+           'judge_rewards', 'oracle_rewards']
 
 # %% ../nbs/05_rewards.ipynb #04c93402
 def build_sequence(
@@ -140,6 +140,33 @@ def with_paper_label_counts(
     by_id = dict(_prompt_rows(prompts))
     return {s['prompt_id']: {**scores[s['prompt_id']], 'n_tokens': paper_label_counts(tokenizer, by_id[s['prompt_id']], s['responses'])}
             for s in samples if s['prompt_id'] in scores}
+
+# %% ../nbs/05_rewards.ipynb #87ec502b
+def paper_m0_scores(
+    model, # M0 (the base with adapters disabled), in eval mode
+    tokenizer, # its chat tokenizer (its pad token matters: label tokens equal to it are not scored)
+    prompts, # the iteration's prompt records
+    samples:list, # its sample records
+    batch_size:int=8, # sequences per forward pass
+)->dict: # prompt_id -> {"logps": [float], "n_tokens": [int]}: the paper's sum and count, for `iteration_rewards`
+    "M0's log-likelihood over the paper's labels (header, response, template end; no pad tokens), one sequence a row."
+    by_id = dict(_prompt_rows(prompts))
+    keys = [(s['prompt_id'], k, r) for s in samples for k, r in enumerate(s['responses'])]
+    msgs, resps, keys = [by_id[p] for p, _, _ in keys], [r for _, _, r in keys], [(p, k) for p, k, _ in keys]
+    out = {s['prompt_id']: {'logps': [0.0] * len(s['responses']), 'n_tokens': [0] * len(s['responses'])} for s in samples}
+    with torch.inference_mode():
+        for s in range(0, len(keys), batch_size):
+            rows = [(_template_ids(tokenizer, m + [{'role': 'assistant', 'content': r}]), len(_template_ids(tokenizer, m)))
+                    for m, r in zip(msgs[s:s+batch_size], resps[s:s+batch_size])]
+            enc = tokenizer.pad({'input_ids': [x for x, _ in rows]}, padding_side='right', return_tensors='pt').to(model.device)
+            labels = enc['input_ids'].masked_fill(enc['attention_mask'] == 0, -100)
+            for j, (_, n) in enumerate(rows): labels[j, :n] = -100                     # the prompt is not scored
+            labels = labels.masked_fill(labels == tokenizer.pad_token_id, -100)       # nor any pad token, as the paper's collator
+            logits = model(input_ids=enc['input_ids'], attention_mask=enc['attention_mask'], use_cache=False).logits[:, :-1]
+            lp = selective_log_softmax(logits, labels[:, 1:]).sum(-1, dtype=torch.float64).tolist()
+            for (pid, k), v, n in zip(keys[s:s+batch_size], lp, (labels[:, 1:] != -100).sum(-1).tolist()):
+                out[pid]['logps'][k], out[pid]['n_tokens'][k] = v, n
+    return out
 
 # %% ../nbs/05_rewards.ipynb #bf975717
 def _pairs(prompts, samples) -> tuple:

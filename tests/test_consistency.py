@@ -248,10 +248,21 @@ def test_paper_code_through_the_loop(tmp_path):
     samples = {s['prompt_id']: s for s in read_jsonl(it.dir/'samples.jsonl')}
     m0 = {r['prompt_id']: r for r in read_jsonl(it.dir/'logps_m0.jsonl')}            # stored with our own counts
     rewards = {r['prompt_id']: r for r in read_jsonl(it.dir/'rewards.jsonl')}
-    for pid, r in rewards.items():
-        counts = paper_label_counts(run.tokenizer, prompts[pid]['messages'], samples[pid]['responses'])
-        assert counts == [n + 4 for n in m0[pid]['n_tokens']]
-        assert r['previous'] == pytest.approx([lp / n for lp, n in zip(m0[pid]['logps'], counts)], abs=1e-12)
+    tok = run.tokenizer
+    with run.model('m0') as model:
+        for pid, r in rewards.items():
+            counts = paper_label_counts(tok, prompts[pid]['messages'], samples[pid]['responses'])
+            assert counts == [n + 4 for n in m0[pid]['n_tokens']]
+            want = []
+            for resp in samples[pid]['responses']:   # rewarding.py's arithmetic on a batch of one: labels after the prefix, no pad
+                msgs = prompts[pid]['messages']
+                x = torch.tensor([list(tok.apply_chat_template(msgs + [{'role': 'assistant', 'content': resp}], tokenize=True)['input_ids'])])
+                lab = x.clone(); lab[0, :len(tok.apply_chat_template(msgs, tokenize=True)['input_ids'])] = tok.pad_token_id
+                with torch.no_grad(): lp = model(x).logits[0, :-1].double().log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+                keep = lab[0, 1:] != tok.pad_token_id
+                want.append(lp[keep].sum().item() / int(keep.sum()))
+            assert r['previous'] == pytest.approx(want, abs=1e-5)
+            assert r['previous'] != pytest.approx([lp / n for lp, n in zip(m0[pid]['logps'], counts)], abs=1e-9)   # not our sum
     want = paper_cal_consistency({p: r['current'] for p, r in rewards.items()}, {p: r['previous'] for p, r in rewards.items()}, 'kendall')
     assert cons['paper_code'] is True and all(cons['per_prompt'][p] == pytest.approx(want[p], abs=1e-12) for p in want)
     C = paper_avg_consistency({p: r['current'] for p, r in rewards.items()}, cons['per_prompt'])

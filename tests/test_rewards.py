@@ -181,12 +181,12 @@ def test_judge_prompt_has_the_five_criteria_and_the_score_format():
 def test_judge_rewards_counts_unparseable_and_never_scores_them_0(tiny, monkeypatch):
     model, tok = tiny
     seen = {}
-    def fake(m, t, recs, cfg, greedy=False, progress=True):
-        seen.update(greedy=greedy, n=cfg.max_new_tokens, bs=cfg.batch_size, first=recs[0])
+    def fake(m, t, recs, cfg, greedy=False, progress=True, engine=None, checkpoint=None):
+        seen.update(greedy=greedy, n=cfg.max_new_tokens, bs=cfg.batch_size, first=recs[0], engine=engine, checkpoint=checkpoint)
         return [{'prompt_id': r['id'], 'responses': [f'Score: {i % 7}']} for i, r in enumerate(recs)]
     monkeypatch.setattr(R, 'sample_responses', fake)
     scores, stats = R.judge_rewards(model, tok, PROMPTS, SAMPLES, RewardConfig(batch_size=3, judge_max_new_tokens=9))
-    assert seen['greedy'] and (seen['n'], seen['bs']) == (9, 3)
+    assert seen['greedy'] and (seen['n'], seen['bs']) == (9, 3) and seen['engine'] is seen['checkpoint'] is None
     assert seen['first']['messages'][0]['content'] == R.judge_prompt('Why?', 'Because.')
     assert scores == {'p2': [0.0, 1.0, 2.0], 'p0': [3.0, 4.0, 5.0], 'p3': [None, 0.0, 1.0], 'p1': [2.0, 3.0, 4.0]}
     assert (stats['n'], stats['parsed'], stats['unparseable']) == (12, 11, 1)
