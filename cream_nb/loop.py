@@ -96,10 +96,11 @@ def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable
     if dry: raise _Redo(name)
     if begin: begin()
     marker.unlink(missing_ok=True)
-    for o in outputs:  # a stage redone from scratch: drop what an earlier run left
+    for o in outputs:  # a stage redone from scratch: drop what an earlier run left, a killed writer's temp copies too
         o = Path(o)
-        if o.is_dir(): shutil.rmtree(o)
-        elif o.exists(): o.unlink()
+        for p in [o, *o.parent.glob(f'.{o.name}.tmp-*')]:   # the run's lock makes every temp copy a dead writer's
+            if p.is_dir(): shutil.rmtree(p)
+            elif p.exists(): p.unlink()
     cache = STAGE_CACHE.get()   # another run already made this fingerprint: link its outputs in instead of running
     if cache is not None and cache.restore(name, marker, fp, cfg, log): return load() if load else None
     log.add(name, 'start')

@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # the worktree's cream_nb, whatever the installed console script points at
 CREAM = [sys.executable, '-c', 'import sys; from cream_nb.cli import main; sys.exit(main(sys.argv[1:]))']
-# checkpoints every step so a kill can land after one; 2 SFT epochs: 4 SFT steps; DPO: 2 steps per iteration
-ARGS = ['run', '--preset', 'tiny', '--quiet', '--set', 'sft.save_steps=1', '--set', 'dpo.save_steps=1', '--set', 'sft.epochs=2']
+# checkpoints every step so a kill can land after one; 2 SFT epochs: 4 SFT steps; DPO: 2 steps per iteration;
+ARGS = ['run', '--preset', 'tiny', '--quiet', '--set', 'sft.save_steps=1', '--set', 'dpo.save_steps=1', '--set', 'sft.epochs=2',
+        '--set', 'eval.batch_size=4']   # 4 evaluation batches, so a kill can land between two of them
 VOLATILE = {'seconds', 'seconds_per_step', 'finished', 'time', 'pid', 'timings', 'run_dir', 'since'}
 POLL_S = 0.01
 
