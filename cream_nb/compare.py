@@ -227,8 +227,13 @@ def _mean_std(v:list) -> dict:
     v = [x for x in v if x is not None]
     return {'mean': statistics.fmean(v), 'std': statistics.pstdev(v), 'n': len(v)} if v else {'mean': None, 'std': None, 'n': 0}
 
+def _ranks(v) -> bool:
+    "Whether rewards `v` order the responses at all (two or more distinct values)."
+    return isinstance(v, list) and len({x for x in v if x is not None}) > 1
+
 def consistency_table(run_dir) -> dict:
-    "Per iteration: Kendall, Spearman and top-order agreement of M_t's and M_{t-1}'s implicit-reward rankings, mean/std over prompts."
+    """Per iteration: Kendall, Spearman and top-order agreement of M_t's and M_{t-1}'s implicit-reward rankings, mean/std over
+    the prompts both rank (`unranked`: prompts left out), and the iteration's preference pairs."""
     from cream_nb.consistency import consistency_rates
     run_dir, out, t = Path(run_dir), {}, 1
     while (run_dir/f'iter{t}').exists():
@@ -238,8 +243,12 @@ def consistency_table(run_dir) -> dict:
         if not rows or any(not isinstance(r.get('previous'), list) for r in rows):  # judge / oracle rewards: the table's own
             src = d/'compare'/'rewards.jsonl'; rows = read_jsonl(src) if src.exists() else []
         if not rows: break
-        cur, prev = {r['prompt_id']: r['current'] for r in rows}, {r['prompt_id']: r['previous'] for r in rows}
-        out[t] = {m: _mean_std(list(consistency_rates(cur, prev, m).values())) for m in ('kendall', 'spearman', 'toporder')}
+        ranked = [r for r in rows if _ranks(r['current']) and _ranks(r['previous'])]
+        cur, prev = {r['prompt_id']: r['current'] for r in ranked}, {r['prompt_id']: r['previous'] for r in ranked}
+        out[t] = {m: _mean_std(list(consistency_rates(cur, prev, m).values())) if ranked else _mean_std([])
+                  for m in ('kendall', 'spearman', 'toporder')}
+        stats = read_json(d/'pairs_stats.json') if (d/'pairs_stats.json').exists() else {}
+        out[t].update(prompts=len(rows), unranked=len(rows) - len(ranked), pairs=stats.get('pairs'))
         t += 1
     return out
 
@@ -325,15 +334,19 @@ def tests_text(tab:dict) -> str:
     return "Paired tests (McNemar exact) of each method's last model\n" + _grid(['method', 'model', 'vs M1', f'vs {ref}'], rows)
 
 def consistency_text(tab:dict) -> str:
-    "Consistency of M_t's and M_{t-1}'s rankings (mean±std over prompts), reward accuracy and model movement."
-    rows = []
+    "Consistency of M_t's and M_{t-1}'s rankings (mean±std over prompts), reward accuracy, pairs and model movement."
+    rows, notes = [], []
     for m, its in tab['consistency'].items():
         for t, c in its.items():
             ra, mv = (tab['reward_accuracy'].get(m) or {}).get(str(t)) or {}, (tab['movement'].get(m) or {}).get(str(t)) or {}
             rows.append([m, t, _ms(c['kendall']), _ms(c['spearman']), _ms(c['toporder']), _f(ra.get('accuracy')),
-                         _f(mv.get('mean_abs_logp_change')), _f(mv.get('margin_after'))])
-    return ("Consistency (M_t vs M_{t-1} implicit rewards), self-reward accuracy vs gold, movement |Δlog π| and margin after DPO\n"
-            + _grid(['method', 'iter', 'kendall', 'spearman', 'top-order', 'rew.acc', '|Δlogπ|', 'margin'], rows))
+                         '-' if c.get('pairs') is None else c['pairs'], _f(mv.get('mean_abs_logp_change')), _f(mv.get('margin_after'))])
+            if c.get('unranked'):
+                notes.append(f"{m} iteration {t}: {c['unranked']} of {c['prompts']} prompts left out, their M_t or M_{{t-1}} rewards all "
+                             f"equal (no ranking){' -- M_t is M_{t-1} unchanged, trained on no pairs' if c['unranked'] == c['prompts'] else ''}")
+    return ("Consistency (M_t vs M_{t-1} implicit rewards), self-reward accuracy vs gold, pairs, movement |Δlog π| and margin after DPO\n"
+            + _grid(['method', 'iter', 'kendall', 'spearman', 'top-order', 'rew.acc', 'pairs', '|Δlogπ|', 'margin'], rows)
+            + ''.join(f"\n  {n}" for n in notes))
 
 def compare_text(tab:dict) -> str:
     "Every printed table of a comparison."

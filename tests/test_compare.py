@@ -93,6 +93,23 @@ def test_consistency_reward_accuracy_movement(hand):
     text = C.compare_text(tab)
     assert 'cream-avg' in text and 'p=' in text and 'kendall' in text
 
+def test_prompts_without_a_ranking_are_left_out_and_said(tmp_path):
+    "A prompt whose rewards all tie (an unchanged model's implicit rewards are all 0) has no ranking: it is left out, and counted."
+    rng = np.random.default_rng(7)
+    cur, prev = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    rows = [dict(prompt_id=f'p{k}', current=cur[k].tolist(), previous=prev[k].tolist()) for k in range(3)]
+    rows += [dict(prompt_id='t0', current=[0., 0., 0., 0.], previous=[1., 2., 3., 4.]), dict(prompt_id='t1', current=[1., 2., 3., 4.], previous=[.5] * 4)]
+    write_jsonl(rows, tmp_path/'iter1'/'rewards.jsonl'); write_json({'pairs': 0}, tmp_path/'iter1'/'pairs_stats.json')
+    write_jsonl([dict(prompt_id='t0', current=[0.] * 4, previous=[1., 2., 3., 4.])], tmp_path/'iter2'/'rewards.jsonl')
+    tab = C.consistency_table(tmp_path)
+    kt = [(kendalltau(cur[k], prev[k]).statistic + 1) / 2 for k in range(3)]
+    assert tab[1]['kendall']['mean'] == pytest.approx(np.mean(kt)) and tab[1]['kendall']['n'] == 3
+    assert (tab[1]['prompts'], tab[1]['unranked'], tab[1]['pairs']) == (5, 2, 0)
+    assert tab[2]['kendall']['mean'] is None and (tab[2]['unranked'], tab[2]['pairs']) == (1, None)
+    text = C.consistency_text({'consistency': {'srlm': tab}, 'reward_accuracy': {}, 'movement': {}})
+    assert 'srlm iteration 1: 2 of 5 prompts left out' in text and 'unchanged' not in text.split('\n')[-2]
+    assert text.splitlines()[-1].startswith('  srlm iteration 2: 1 of 1 prompts left out') and 'M_t is M_{t-1} unchanged' in text.splitlines()[-1]
+
 def test_empty_comparison_dir_says_what_to_do(tmp_path):
     with pytest.raises(Exception, match='run `cream compare` first'): C.compare_tables(tmp_path)
 

@@ -2,7 +2,8 @@
 
     python tools/publish_compare.py runs/compare data/compare/cpu-demo.json --command "make run"
 
-Records the command, the commit (and whether the tree had uncommitted changes), the machine, the wall time (first stage
+Records the command, the commit the comparison ran at (`--run-commit`, default HEAD; `tables_commit` is HEAD, whose code
+computed the tables) (and whether the tree had uncommitted changes), the machine, the wall time (first stage
 start to last stage end over every method's stage log) and each stage's seconds, beside compare.json's tables."""
 import argparse, json, os, platform, subprocess, sys, time
 from pathlib import Path
@@ -13,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 def _git(*a) -> str:
     return subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-def publish(run_dir:Path, out:Path, command:str) -> dict:
+def publish(run_dir:Path, out:Path, command:str, run_commit:str|None=None) -> dict:
     from cream_nb.compare import compare_dirs, write_tables
     from cream_nb.loop import StageLog
     tab = write_tables(run_dir)
@@ -25,7 +26,9 @@ def publish(run_dir:Path, out:Path, command:str) -> dict:
             if e['event'] == 'done': stages.setdefault(m, {})[e['stage']] = round(e['seconds'], 1)
             if e['event'] == 'shared': stages.setdefault(m, {})[e['stage']] = 'shared'
     cfg = json.loads((run_dir/'compare_config.json').read_text()) if (run_dir/'compare_config.json').exists() else {}
-    rec = {'preset': cfg.get('preset'), 'command': command, 'commit': _git('rev-parse', 'HEAD'),
+    head = _git('rev-parse', 'HEAD')
+    rec = {'preset': cfg.get('preset'), 'command': command, 'commit': _git('rev-parse', run_commit) if run_commit else head,
+           'tables_commit': head,
            'uncommitted_changes': bool(_git('status', '--porcelain', '--untracked-files=no')),
            'made': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(max(e['time'] for e in events))),
            'machine': f"{platform.machine()}, {os.cpu_count()} CPUs visible, torch threads from OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
@@ -39,7 +42,8 @@ if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('run_dir', type=Path); p.add_argument('out', type=Path)
     p.add_argument('--command', default='make run', help="the command that made the comparison")
+    p.add_argument('--run-commit', default=None, help="the commit the comparison ran at, when the tables are computed at a later one (default: HEAD)")
     a = p.parse_args()
-    r = publish(a.run_dir, a.out, a.command)
+    r = publish(a.run_dir, a.out, a.command, a.run_commit)
     print(f"{a.out}: {r['preset']} comparison of {', '.join(r['tables']['methods'])}, {r['wall_seconds']} s, commit {r['commit'][:10]}"
           f"{' (with uncommitted changes)' if r['uncommitted_changes'] else ''}; {a.out.stat().st_size // 1024} KB")
