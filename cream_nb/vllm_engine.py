@@ -12,9 +12,9 @@ import torch
 from .engine import Engine, GenParams, _cut, cpu_has_bf16
 
 # %% auto #0
-__all__ = ['CPU_HEAD_SIZES', 'LORA_RANKS', 'vllm_available', 'head_size', 'check_servable', 'AdapterIds', 'request_seeds',
-           'sampling_kwargs', 'llm_dtype', 'llm_defaults', 'VLLMEngine', 'base_model_dir', 'run_resolver',
-           'engine_kwargs']
+__all__ = ['CPU_HEAD_SIZES', 'LORA_RANKS', 'CPU_MAX_MODEL_LEN', 'vllm_available', 'head_size', 'check_servable', 'AdapterIds',
+           'request_seeds', 'sampling_kwargs', 'llm_dtype', 'llm_defaults', 'cpu_scheduling', 'VLLMEngine',
+           'base_model_dir', 'run_resolver', 'engine_kwargs']
 
 # %% ../nbs/03b_vllm_engine.ipynb #9544918b
 def vllm_available() -> bool:
@@ -89,6 +89,16 @@ def llm_defaults(lora_rank:int, dtype:str, seed:int, cuda:bool) -> dict:
     elif 'VLLM_CPU_KVCACHE_SPACE' not in os.environ: kw.update(kv_cache_memory_bytes=1 << 30)
     return kw
 
+CPU_MAX_MODEL_LEN = 8192   # the context the engine asks for on CPU unless max_model_len is given
+
+def cpu_scheduling(model_dir, given:dict) -> dict:
+    "`vllm.LLM` arguments on CPU: every prompt prefilled in one step (no chunked prefill); {} if `given` sets chunking."
+    if 'enable_chunked_prefill' in given: return {}
+    cfg = json.loads((Path(model_dir)/'config.json').read_text())
+    n = given.get('max_model_len') or min(cfg.get('max_position_embeddings') or CPU_MAX_MODEL_LEN, CPU_MAX_MODEL_LEN)
+    return dict(enable_chunked_prefill=False, max_model_len=n, max_num_batched_tokens=max(n, given.get('max_num_batched_tokens') or 4096))
+
+
 # %% ../nbs/03b_vllm_engine.ipynb #7ab8831a
 class VLLMEngine(Engine):
     "The run's checkpoints served by one `vllm.LLM`: the base, LoRA checkpoints as `LoRARequest`s, full ones as models."
@@ -129,6 +139,7 @@ def _load(self:VLLMEngine, model_dir:str):
     _in_process_env()
     from vllm import LLM
     kw = {'enable_lora': model_dir == self.base_dir, **self.llm_kwargs}
+    if not self.cuda: kw.update(cpu_scheduling(model_dir, kw))
     if not kw['enable_lora']: kw.pop('max_lora_rank', None); kw.pop('max_loras', None)
     with _process_state_kept(): self._llm = LLM(model=model_dir, **kw)
     self._model_dir = model_dir

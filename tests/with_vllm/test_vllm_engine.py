@@ -102,6 +102,22 @@ def test_rewritten_adapter_is_reloaded_under_a_fresh_id(engine, tiny, tmp_path):
     assert _ids(engine.generate('m2', PROMPTS, GREEDY)) != _ids(first)
 
 
+def test_seeded_batch_above_the_cpu_step_budget(engine, tiny):
+    """A seeded batch of more than 4,096 prompt tokens (vLLM's CPU step budget) samples, reproducibly: with chunked prefill on,
+    vLLM split such a batch and failed rewinding a seeded CPU generator (`CPU Generator does not use offset`)."""
+    words = ' '.join(['apple banana cherry'] * 100)
+    prompts = [{'id': f'long{i}', 'messages': [{'role': 'user', 'content': f'{i}: {words}'}]} for i in range(16)]
+    tok = tiny['tok']
+    n_tokens = sum(len(tok(tok.apply_chat_template(p['messages'], add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids)
+                   for p in prompts)
+    assert n_tokens > 4096, n_tokens
+    p = GenParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=4, seed=9)
+    a = engine.generate('m1', prompts, p)
+    assert [len(r['response_token_ids']) for r in a] == [2] * 16
+    assert engine.generate('m1', prompts, p) == a
+    assert engine._llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is False
+
+
 def test_release_tears_down_and_the_next_call_rebuilds(engine):
     p = GenParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=5, seed=1)
     before = engine.generate('m1', PROMPTS[:3], p)
