@@ -254,7 +254,7 @@ def test_committed_comparison_results_load():
     "Every data/compare/*.json (tools/publish_compare.py) holds the tables, the command and the commit that made them."
     from cream_nb.compare import compare_text
     files = sorted((ROOT/'data'/'compare').glob('*.json'))
-    assert files, "no committed comparison under data/compare/: run `make run` and tools/publish_compare.py"
+    assert ROOT/'data'/'compare'/'cpu-demo.json' in files, "no committed cpu-demo comparison: run `make run` and tools/publish_compare.py"
     for f in files:
         r = json.loads(f.read_text())
         assert f.stem == r['preset'], f"{f.name} holds a {r['preset']!r} comparison: name the file after its preset"
