@@ -248,6 +248,13 @@ def use_model(
         for n, p in model.named_parameters(): p.requires_grad_(grads[n])
 
 # %% ../nbs/02_models.ipynb #69714371
+def _sort_target_modules(path:Path):
+    "Rewrite peft's adapter_config.json with `target_modules` sorted: peft writes that set in hash order, which differs between processes."
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get('target_modules'), list):
+        cfg['target_modules'] = sorted(cfg['target_modules'])
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
 def save_model(
     model,                # a PeftModel (LoRA mode) or a plain model (full mode)
     path,                 # destination folder; replaced atomically if it exists
@@ -269,6 +276,7 @@ def save_model(
                 model.save_pretrained(str(stage), selected_adapters=[name], save_embedding_layers=False)
                 os.replace(stage/name if name != 'default' else stage, tmp)
             finally: shutil.rmtree(stage, ignore_errors=True)
+            _sort_target_modules(tmp/'adapter_config.json')
         else: model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None: tokenizer.save_pretrained(str(tmp))
     return path
