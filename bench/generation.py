@@ -5,8 +5,8 @@
     .venv/bin/python bench/generation.py --vllm-python /path/to/.venv-vllm/bin/python --vllm-root /path/to/checkout
 
 Workloads (the cpu-demo preset, SmolLM2-135M embedded, a LoRA adapter `m1` on it as in a run):
-  sampling: iteration 1's 12 prompts x 4 responses x at most 48 new tokens (T = 0.8, top_p = 0.95)
-  eval:     greedy answers to the cpu-demo evaluation questions (4 per task, at most 64 new tokens)
+  sampling: iteration 1's prompts (16) x 4 responses x at most 48 new tokens (T = 0.8, top_p = 0.95)
+  eval:     greedy answers to the cpu-demo evaluation questions (20 per task, 100 in all, at most 64 new tokens)
 Rows, each on the same workload:
   one prompt at a time    model.generate per prompt (num_return_sequences=N), adapter unmerged, fp32 (a naive loop)
   sample_responses before the engine: model.generate per batch with num_return_sequences (copied below)
