@@ -532,10 +532,7 @@ def score(self:Iteration) -> list[dict]:
     def make():
         ctx = ScoreContext(self.t, self.cfg, self.prompts(), self.samples(), model=self.run.model,
                            tokenizer=self.run.tokenizer, progress=self.run.progress, engine=self.run.engine)
-        for n in self._models_scored(): self._logps(n)   # each model's log-probs a stage of its own: shareable by fingerprint
-        ctx.logps = R.iteration_logps(None, self.run.tokenizer, self.t, ctx.prompts, ctx.samples, self.dir,
-                                      batch_size=self.cfg.reward.batch_size, progress=self.run.progress,
-                                      names=self._models_scored(), switch=self.run.model)
+        ctx.logps = {n: self._logps(n) for n in self._models_scored()}   # each a stage of its own: shareable by fingerprint
         if self.cfg.consistency.paper_code and self.t == 1 and 'm0' in ctx.logps:   # M0's likelihood as the paper's code computes it
             with self.run.model('m0') as m0:
                 ctx.logps['m0'] = R.paper_m0_scores(m0, self.run.tokenizer, ctx.prompts, ctx.samples, self.cfg.reward.batch_size)

@@ -13,8 +13,7 @@ from .engine import Engine, GenParams, _cut, cpu_has_bf16
 
 # %% auto #0
 __all__ = ['CPU_HEAD_SIZES', 'LORA_RANKS', 'CPU_MAX_MODEL_LEN', 'vllm_available', 'head_size', 'check_servable', 'AdapterIds',
-           'request_seeds', 'sampling_kwargs', 'llm_dtype', 'llm_defaults', 'cpu_scheduling', 'VLLMEngine',
-           'base_model_dir', 'run_resolver', 'engine_kwargs']
+           'request_seeds', 'sampling_kwargs', 'llm_dtype', 'llm_defaults', 'cpu_scheduling', 'VLLMEngine']
 
 # %% ../nbs/03b_vllm_engine.ipynb #9544918b
 def vllm_available() -> bool:
@@ -207,22 +206,3 @@ def _vllm_close(self:VLLMEngine):
     self._teardown()
 
 VLLMEngine.release, VLLMEngine.close = _vllm_release, _vllm_close
-
-# %% ../nbs/03b_vllm_engine.ipynb #0e85a14b
-def base_model_dir(spec:str) -> str:
-    "The folder (or Hub id) vLLM loads M0 from, for a `ModelConfig.name`."
-    from cream_nb.models import embedded_model_dir, _tiny_dir
-    return str(embedded_model_dir() if spec == 'embedded' else _tiny_dir() if spec == 'tiny' else Path(spec).expanduser() if Path(spec).expanduser().exists() else spec)
-
-def run_resolver(run_dir, finetune:str='lora'):
-    "name -> ('base', None) | ('lora', adapter_dir) | ('full', model_dir), read from the run's checkpoint registry."
-    from cream_nb.models import CheckpointRegistry, BASE
-    def resolve(name:str):
-        if name in (None, BASE): return ('base', None)
-        return ('lora' if finetune == 'lora' else 'full', CheckpointRegistry(run_dir).path(name))
-    return resolve
-
-def engine_kwargs(run_dir, model_cfg, tokenizer, **kw) -> dict:
-    "`VLLMEngine`'s arguments for a run: its base folder, tokenizer, checkpoint resolver and LoRA rank."
-    return dict(base_dir=base_model_dir(model_cfg.name), tokenizer=tokenizer, resolve=run_resolver(run_dir, model_cfg.finetune),
-                lora_rank=model_cfg.lora_r, **kw)
