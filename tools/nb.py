@@ -31,9 +31,20 @@ def run(nb_path: Path, timeout=1800):
     subprocess.run([str(BIN/'nbdev-clean'), '--fname', str(nb_path)], cwd=ROOT, check=True)
     subprocess.run([str(BIN/'nbdev-export')], cwd=ROOT, check=True)
 
+def keep_ids(nb, old_path: Path):
+    "Cells whose source is unchanged keep the id they had in `old_path`, so a rebuilt notebook diffs (and merges) by cell."
+    if not old_path.exists(): return nb
+    free = {}
+    for c in nbformat.read(old_path, as_version=4).cells: free.setdefault((c.cell_type, c.source), []).append(c.get('id'))
+    for c in nb.cells:
+        ids = free.get((c.cell_type, c.source))
+        if ids: c['id'] = ids.pop(0)
+    return nb
+
 def build(src: Path, dst: Path):
     nb = jupytext.read(src, fmt='py:percent')
     nb.metadata = {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}}
+    keep_ids(nb, dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, dst)
     subprocess.run([str(BIN/'nbdev-export')], cwd=ROOT, check=True)  # so the notebook can import its own module
