@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from .config import SamplingConfig
 
 # %% auto #0
-__all__ = ['ENGINES', 'chat_prompt_ids', 'length_batches', 'end_token_ids', 'decode_responses', 'process_state', 'GenParams',
-           'Engine', 'nucleus_keep', 'next_tokens', 'decode', 'cpu_has_bf16', 'generation_dtype', 'generation_copy',
-           'HFEngine', 'resolve_engine_kind', 'make_engine']
+__all__ = ['ENGINES', 'chat_prompt_ids', 'length_batches', 'end_token_ids', 'decode_responses', 'GenParams', 'Engine',
+           'nucleus_keep', 'next_tokens', 'decode', 'cpu_has_bf16', 'generation_dtype', 'generation_copy', 'HFEngine',
+           'resolve_engine_kind', 'make_engine']
 
 # %% ../nbs/03a_engine.ipynb #abef8c0a
 def chat_prompt_ids(
@@ -74,13 +74,8 @@ def decode_responses(
     ids = [_cut(row, stop) for row in new_ids.tolist()]
     return [tokenizer.decode(r, skip_special_tokens=False) for r in ids], ids
 
-# %% ../nbs/03a_engine.ipynb #617c471b
-def process_state():
-    "accelerate's `PartialState`; processes launched on a machine without GPUs join as CPU processes (gloo)."
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-    multi = int(os.environ.get('WORLD_SIZE', '1')) > 1
-    return PartialState(cpu=parse_flag_from_env('ACCELERATE_USE_CPU') or (multi and not torch.cuda.is_available()))
+# %% ../nbs/03a_engine.ipynb #fc5b78bc
+from .processes import process_state   # accelerate's PartialState: the processes generation is shared across
 
 # %% ../nbs/03a_engine.ipynb #dc260461
 def _batch_log(resume_path, state):
