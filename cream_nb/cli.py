@@ -160,14 +160,17 @@ def report_html(run_dir, output=None) -> Path:
     with atomic_path(output) as tmp: Path(tmp).write_text('\n'.join(parts))
     return output
 
-# %% ../nbs/12_cli.ipynb #f35391ba
+# %% ../nbs/12_cli.ipynb #9768f5a6
 def _say():
     "print on the main process; under accelerate launch the other processes say nothing."
     return print if is_writer() else (lambda *a, **k: None)
 
-def _processes_note() -> str:
+def _processes_note(cfg) -> str:
+    "Under accelerate launch: how many processes, and the global batch each training stage then has."
     n = world_size()
-    return '' if n == 1 else f" on {n} processes (accelerate launch: this one writes, the others share the work)"
+    if n == 1: return ''
+    b = lambda c: f"{c.batch_size} x {n} processes x {c.grad_accum} accumulation = {c.batch_size * n * c.grad_accum}"
+    return f" on {n} processes (the main one writes, all share the work); global batch: SFT {b(cfg.sft)}, DPO {b(cfg.dpo)}"
 
 def _check_run_dir(d:Path):
     "Refuse a --run-dir that is a file or cannot be written, in one line, before anything runs."
@@ -183,7 +186,7 @@ def _cmd_run(args) -> int:
     t0 = time.time()
     run = CreamRun(cfg, args.run_dir, force=args.force, progress=not args.quiet)
     say = _say()
-    say(f"cream: {run}{_processes_note()}", flush=True)
+    say(f"cream: {run}{_processes_note(cfg)}", flush=True)
     s = run.run()
     say(f"\ncream: finished in {time.time()-t0:.0f} s; artifacts in {args.run_dir}; summary.json written\n")
     say(summary_table(s))
@@ -221,7 +224,7 @@ def _cmd_compare(args) -> int:
     cfg = apply_overrides(cfg, list(args.overrides) + ([f'loop.iterations={args.iterations}'] if args.iterations is not None else []))
     t0 = time.time()
     say = _say()
-    say(f"cream: comparing {', '.join(args.methods)} on the {cfg.preset or 'custom'} config in {args.run_dir}{_processes_note()}", flush=True)
+    say(f"cream: comparing {', '.join(args.methods)} on the {cfg.preset or 'custom'} config in {args.run_dir}{_processes_note(cfg)}", flush=True)
     compare(cfg, args.methods, args.run_dir, force=args.force, progress=not args.quiet, reference=args.reference)
     if not is_writer(): return 0   # under accelerate launch the main process writes the report and prints the tables
     report = compare_report_html(args.run_dir, reference=args.reference)
@@ -245,6 +248,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='cream: %(message)s')  # the stages' one-line notes (data counts, fallbacks)
     for noisy in ('httpx', 'urllib3', 'filelock', 'datasets', 'huggingface_hub'): logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in ('run', 'compare') and not is_writer(): logging.getLogger('cream_nb').setLevel(logging.ERROR)   # one voice
     try:
         if args.command in ('status', 'report') and not (args.run_dir/'config.json').is_file() and not _is_comparison(args):
             raise ConfigError(f"{args.run_dir} is not a run directory (it has no config.json): give the --run-dir of a `cream run`")
@@ -261,3 +265,5 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ncream: interrupted; finished stages are kept. Rerun the same command to resume.", file=sys.stderr); return 130
     return 1
+
+
