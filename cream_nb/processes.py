@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 # %% auto #0
-__all__ = ['world_size', 'process_state', 'rank', 'is_writer', 'barrier', 'from_writer', 'gathered', 'my_share', 'shared_batches']
+__all__ = ['world_size', 'process_state', 'rank', 'is_writer', 'barrier', 'from_writer', 'gathered', 'my_share', 'finish',
+           'shared_batches']
 
 # %% ../nbs/00c_processes.ipynb #85c044dc
 def world_size() -> int:
@@ -53,6 +54,14 @@ def gathered(items:list) -> list:
 def my_share(n:int) -> list[int]:
     "The indices of `n` units of work this process takes: every `world_size()`-th, starting at its rank."
     return list(range(rank(), n, world_size()))
+
+# %% ../nbs/00c_processes.ipynb #5c36d209
+def finish():
+    "At the end of a multi-process program: wait for every process, then close the process group."
+    if world_size() == 1: return
+    import torch.distributed as dist
+    barrier()
+    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/00c_processes.ipynb #d97282b6
 def shared_batches(

@@ -5,7 +5,7 @@
 import json, sys
 from pathlib import Path
 from cream_nb.io import reading_only, write_json
-from cream_nb.processes import barrier, from_writer, gathered, is_writer, my_share, rank, shared_batches, world_size
+from cream_nb.processes import barrier, finish, from_writer, gathered, is_writer, my_share, rank, shared_batches, world_size
 
 out = Path(sys.argv[1])
 computed = []
@@ -20,3 +20,4 @@ barrier()
     world=world_size(), rank=rank(), writer=is_writer(), share=my_share(5), computed=computed, result=res,
     decided=from_writer(f'decided by rank {rank()}'), gathered=gathered([rank()] * (rank() + 1)),
     seen_written=json.loads((out/'written.json').read_text()))))
+finish()
