@@ -100,7 +100,7 @@ class SFTConfig:
     save_steps: int = _f(50, "save a Trainer checkpoint every this many optimizer steps, so a killed run resumes mid-stage (0: never)")
     def __post_init__(self): _check_training('sft', self)
 
-# %% ../nbs/00_config.ipynb #296ed96e
+# %% ../nbs/00_config.ipynb #1fe8dddd
 @dataclass
 class SamplingConfig:
     "Sampling N responses per prompt with M_t."
@@ -112,6 +112,7 @@ class SamplingConfig:
     seed: int = _f(42, "sampling seed: the same seed, engine and generation dtype give the same responses")
     engine: str = _f('auto', "generation engine for sampling, the judge and evaluation: 'hf', 'vllm' or 'auto' (vllm with a GPU and vLLM installed, else hf)")
     engine_dtype: str = _f('auto', "dtype the hf engine generates in: 'auto' (bf16 on GPUs and CPUs with bf16 instructions, else the model's), 'float32', 'bfloat16', 'float16'")
+    tensor_parallel_size: int = _f(1, "vllm engine: GPUs one model is split across (vLLM's tensor_parallel_size), for a run in one process; under accelerate launch each process generates on its own GPU (1)")
     def __post_init__(self):
         _check(self.n_responses >= 2, 'sampling', 'n_responses', self.n_responses, "an integer >= 2 (a ranking needs two responses)")
         _check(self.temperature > 0, 'sampling', 'temperature', self.temperature, "a number > 0")
@@ -120,6 +121,7 @@ class SamplingConfig:
         _check(self.batch_size >= 1, 'sampling', 'batch_size', self.batch_size, "an integer >= 1")
         _choice('sampling', 'engine', self.engine, ('auto', 'hf', 'vllm'))
         _choice('sampling', 'engine_dtype', self.engine_dtype, ('auto', 'float32', 'bfloat16', 'float16'))
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, 'sampling', 'tensor_parallel_size', self.tensor_parallel_size, "an integer >= 1")
 
 # %% ../nbs/00_config.ipynb #eff920cf
 @dataclass

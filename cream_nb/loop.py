@@ -138,7 +138,7 @@ def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable
         barrier()   # no process reads this stage's outputs before they are complete
     return result
 
-# %% ../nbs/10_loop.ipynb #da02eddc
+# %% ../nbs/10_loop.ipynb #d6510764
 def _as_config(config) -> CreamConfig:
     if isinstance(config, CreamConfig): return config
     if isinstance(config, dict): return config_from_dict(config)
@@ -148,7 +148,7 @@ def _as_config(config) -> CreamConfig:
 
 NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the value that behaves as before the field existed
                     'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None,
-                    'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto'}
+                    'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto', 'sampling.tensor_parallel_size': 1}
 UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps'}   # how often a stage checkpoints changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:
@@ -263,7 +263,7 @@ def _begin(self:CreamRun):
         if n not in self.registry: self.registry.register(n, path, ref)
     self._begun = True
 
-# %% ../nbs/10_loop.ipynb #091cf5b6
+# %% ../nbs/10_loop.ipynb #9a7e9e53
 def launch_problem(cfg:CreamConfig) -> str|None:
     "What is wrong with how this process was launched (accelerate launch, torchrun) for `cfg`, in one line; None if nothing."
     import importlib.util
@@ -275,6 +275,9 @@ def launch_problem(cfg:CreamConfig) -> str|None:
         if env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE') == '3' and cfg.model.finetune == 'lora':
             return ("ZeRO-3 shards the base model's weights, but with model.finetune='lora' every M_t is an adapter on that base, "
                     "which sampling and scoring use whole: launch with configs/accelerate/zero2.yaml (or ddp.yaml)")
+    if n > 1 and cfg.sampling.tensor_parallel_size > 1:
+        return (f"sampling.tensor_parallel_size={cfg.sampling.tensor_parallel_size} splits one vLLM model across GPUs within one process, "
+                f"but this launch runs {n} processes, one per GPU: set sampling.tensor_parallel_size=1, or run `cream run` without accelerate launch")
     if n > cfg.data.prompts_per_iteration:
         return (f"{n} processes (--num_processes) for {cfg.data.prompts_per_iteration} prompts per iteration "
                 f"(data.prompts_per_iteration): launch at most {cfg.data.prompts_per_iteration} processes, or give each iteration more prompts")
@@ -335,7 +338,7 @@ def _engine_base_dir(self:CreamRun) -> str:
     n = self.cfg.model.name
     return str(embedded_model_dir() if n == 'embedded' else _tiny_dir() if n == 'tiny' else n)
 
-# %% ../nbs/10_loop.ipynb #29e43f96
+# %% ../nbs/10_loop.ipynb #a4d6fa68
 @patch(as_prop=True)
 def engine(self:CreamRun):
     "The run's generation engine (`sampling.engine`: 'hf', 'vllm' or 'auto'), made on first use."
@@ -346,7 +349,8 @@ def engine(self:CreamRun):
             self._engine = make_engine('hf', model=self.model, tokenizer=self.tokenizer, dtype=s.engine_dtype, batch_size=s.batch_size)
         else:
             self._engine = make_engine('vllm', base_dir=self._engine_base_dir(), tokenizer=self.tokenizer, resolve=self._resolve_checkpoint,
-                                       lora_rank=self.cfg.model.lora_r, dtype=s.engine_dtype, seed=s.seed)
+                                       lora_rank=self.cfg.model.lora_r, dtype=s.engine_dtype, seed=s.seed,
+                                       **({'tensor_parallel_size': s.tensor_parallel_size} if s.tensor_parallel_size > 1 else {}))
     return self._engine
 
 @patch

@@ -29,7 +29,8 @@ def launch(*args, n=2) -> list:
 
 def run(cmd, ok=True) -> subprocess.CompletedProcess:
     p = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1200)
-    if ok: assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    if ok and p.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {p.returncode}\n--- stdout ---\n{p.stdout[-2000:]}\n--- stderr ---\n{p.stderr[-8000:]}", pytrace=False)
     return p
 
 def pairs(d:Path) -> list:
