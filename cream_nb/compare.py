@@ -146,7 +146,7 @@ def compare(
         barrier()   # compare.json is complete before any process reads it
     return tables
 
-# %% ../nbs/13_compare.ipynb #ee7ba29c
+# %% ../nbs/13_compare.ipynb #f9cb8228
 def analyse_run(run):
     "For each finished iteration: implicit rewards of M_t and M_{t-1} (`compare/rewards.jsonl`) and log pi_{t+1} on the pairs."
     from cream_nb import rewards as R
@@ -164,7 +164,7 @@ def analyse_run(run):
             if len(pairs):
                 with run.model(f'm{t+1}') as m:
                     lp = R.sequence_logps(m, run.tokenizer, list(pairs['prompt']) * 2, list(pairs['chosen']) + list(pairs['rejected']),
-                                          batch_size=run.cfg.reward.batch_size, shared=True)[0].tolist()
+                                          batch_size=run.cfg.reward.batch_size, across_processes=True)[0].tolist()
             write_json({'model': f'm{t+1}', 'chosen': lp[:len(pairs)], 'rejected': lp[len(pairs):]}, d/'compare'/'pair_logps.json')
         barrier()
 

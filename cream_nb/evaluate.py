@@ -15,7 +15,8 @@ from .processes import world_size, shared_batches, is_writer
 # %% auto #0
 __all__ = ['MC_LABELS', 'NUMERIC_TASKS', 'EXTRACT_TASKS', 'extract_answer', 'answers_match', 'accuracy_table', 'correctness',
            'reward_accuracy', 'iteration_reward_accuracy', 'accuracy_interval', 'task_metrics', 'metrics_intervals',
-           'greedy_answers', 'generate_predictions', 'harness_tasks', 'loglik_predictions', 'shared_loglik', 'evaluate']
+           'greedy_answers', 'generate_predictions', 'harness_tasks', 'loglik_predictions', 'loglik_across_processes',
+           'evaluate']
 
 # %% ../nbs/09_evaluate.ipynb #dbb9ae42
 MC_LABELS = {'arc_easy': list('ABCDE'), 'arc_challenge': list('ABCDE'), 'openbookqa': list('ABCD'),
@@ -390,8 +391,8 @@ def loglik_predictions(
                              correct=bool(s['acc']), correct_norm=bool(s['acc_norm'])))
     return rows
 
-# %% ../nbs/09_evaluate.ipynb #830edc1a
-def shared_loglik(
+# %% ../nbs/09_evaluate.ipynb #ca4e24b9
+def loglik_across_processes(
     model, tokenizer,
     records:list, # multiple-choice prompt records with gold answers
     cfg, # `EvalConfig`
@@ -405,7 +406,7 @@ def shared_loglik(
     where = {(r['task'], r['id']): i for i, r in enumerate(records)}
     return sorted((row for _, rows in done for row in rows), key=lambda row: where[(row['task'], row['id'])])
 
-# %% ../nbs/09_evaluate.ipynb #feefd727
+# %% ../nbs/09_evaluate.ipynb #e19bbf93
 def evaluate(
     model, # the model to evaluate (any checkpoint: `CreamRun.model(name)` gives one)
     tokenizer,
@@ -433,7 +434,7 @@ def evaluate(
     if loglik:
         rows = [dict(r, correct_norm=r['correct']) for r in rows]    # GSM8K: generative either way
         mc = [r for r in records if r['task'] not in NUMERIC_TASKS]
-        if mc: rows = shared_loglik(model, tokenizer, mc, cfg, progress) + rows
+        if mc: rows = loglik_across_processes(model, tokenizer, mc, cfg, progress) + rows
     metrics = {**task_metrics(rows, cfg.protocol), 'seconds': round(time.time() - t0, 2)}
     if out_dir is not None:
         with atomic_path(out_dir) as tmp:

@@ -559,7 +559,7 @@ def sample(self:Iteration) -> list[dict]:
         return samples
     return self._stage('sample', fp, conf, [self.dir/'samples.jsonl'], make, self._checked_samples)
 
-# %% ../nbs/10_loop.ipynb #7e93c5d3
+# %% ../nbs/10_loop.ipynb #c40493b6
 @patch
 def _logps(self:Iteration, name:str) -> dict:
     "Log-probs of checkpoint `name` on this iteration's samples: a stage keyed by the samples' and the checkpoint's fingerprints."
@@ -568,7 +568,7 @@ def _logps(self:Iteration, name:str) -> dict:
     def make():   # every process scores its share of the batches (cream_nb.processes); the main one writes
         samples = self.samples()
         with self.run.model(name) as m:
-            out = R.score_samples(m, self.run.tokenizer, self.prompts(), samples, self.cfg.reward.batch_size, self.run.progress, shared=True)
+            out = R.score_samples(m, self.run.tokenizer, self.prompts(), samples, self.cfg.reward.batch_size, self.run.progress, across_processes=True)
         R._write_logps(path, out, samples)
         return out
     def load():

@@ -66,7 +66,7 @@ def _batch_logps(model, tokenizer, seqs:list, n_prompt:list, keep:bool) -> tuple
     labels = ids[:, -k:].masked_fill(torch.arange(k, device=ids.device) < (k - n_resp)[:, None], -100)
     return selective_log_softmax(logits, labels).sum(-1, dtype=torch.float64).cpu(), n_resp.cpu()
 
-# %% ../nbs/05_rewards.ipynb #a0dccfb9
+# %% ../nbs/05_rewards.ipynb #33fb4ad7
 def _as_messages(p, i:int) -> list:
     "A prompt given as messages or as a prompt record."
     if isinstance(p, dict):
@@ -81,21 +81,21 @@ def sequence_logps(
     responses:Sequence[str], # n response texts, responses[i] answers prompts[i]
     batch_size:int=8, # sequences per forward pass
     progress:bool=False, # tqdm bar over batches
-    shared:bool=False, # under accelerate launch: each process scores every world-th batch, all get every result
+    across_processes:bool=False, # under accelerate launch: each process scores every world-th batch, all get every result
 )->tuple: # (logps: float64 Tensor (n,) summed log pi(y|x), n_tokens: Tensor (n,) response tokens incl. end-of-turn), input order
     "Summed log-probability and token count of each response given its prompt, batched by length."
     if len(prompts) != len(responses): raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: give one response per prompt")
     seqs = [build_sequence(tokenizer, _as_messages(p, i), r) for i, (p, r) in enumerate(zip(prompts, responses))]
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
     batches = [order[s:s+batch_size] for s in range(0, len(order), batch_size)]
-    mine = len(my_share(len(batches))) if shared else len(batches)
+    mine = len(my_share(len(batches))) if across_processes else len(batches)
     keep, bar = _accepts_logits_to_keep(model), tqdm(total=mine, desc='log-probs', disable=not (progress and is_writer()))
     def score(idx):
         lp, nt = _batch_logps(model, tokenizer, [seqs[i][0] for i in idx], [seqs[i][1] for i in idx], keep)
         bar.update(1)
         return list(zip(idx, lp.tolist(), nt.tolist()))
     with torch.inference_mode():   # a batch is the same batch whoever scores it, so the numbers do not depend on the processes
-        done = shared_batches(batches, score) if shared else [(b, score(idx)) for b, idx in enumerate(batches)]
+        done = shared_batches(batches, score) if across_processes else [(b, score(idx)) for b, idx in enumerate(batches)]
     bar.close()
     logps, n_tok = torch.zeros(len(seqs), dtype=torch.float64), torch.zeros(len(seqs), dtype=torch.long)
     for _, rows in done:
@@ -176,7 +176,7 @@ def paper_m0_scores(
                 out[pid]['logps'][k], out[pid]['n_tokens'][k] = v, n
     return out
 
-# %% ../nbs/05_rewards.ipynb #15bdb7e1
+# %% ../nbs/05_rewards.ipynb #781d84a6
 def _pairs(prompts, samples) -> tuple:
     "Flattened (messages, response) of every sample, with its (prompt_id, response index)."
     by_id = dict(_prompt_rows(prompts))
@@ -194,11 +194,11 @@ def score_samples(
     samples:list, # sample records {"prompt_id", "responses": [str]*N}
     batch_size:int=8, # sequences per forward pass
     progress:bool=False,
-    shared:bool=False, # under accelerate launch: batches shared across the processes (`sequence_logps`)
+    across_processes:bool=False, # under accelerate launch: batches shared across the processes (`sequence_logps`)
 )->dict: # prompt_id -> {"logps": [float]*N, "n_tokens": [int]*N}, in the samples' order
     "Log-probs of every sampled response under `model`, keyed by prompt id."
     msgs, resps, keys = _pairs(prompts, samples)
-    lp, nt = sequence_logps(model, tokenizer, msgs, resps, batch_size, progress, shared=shared)
+    lp, nt = sequence_logps(model, tokenizer, msgs, resps, batch_size, progress, across_processes=across_processes)
     out = {s['prompt_id']: {'logps': [], 'n_tokens': []} for s in samples}
     for (pid, _), a, b in zip(keys, lp.tolist(), nt.tolist()): out[pid]['logps'].append(a); out[pid]['n_tokens'].append(b)
     return out

@@ -41,12 +41,13 @@ def adapters(d:Path) -> dict:
     from safetensors.torch import load_file
     return {m: load_file(str(d/m/'adapter_model.safetensors')) for m in ('m1', 'iter1/model', 'iter2/model')}
 
-def assert_same_science(two:Path, one:Path):
+def assert_same_science(two:Path, one:Path, with_pairs=True):
     "Samples, log-probs, rewards, consistency and pairs identical; adapters identical (the tolerance is 0: see above)."
     for t in (1, 2):
         for f in COMPARED + (['logps_m2.jsonl'] if t == 2 else []):
-            assert (two/f'iter{t}'/f).read_bytes() == (one/f'iter{t}'/f).read_bytes(), f"iter{t}/{f} differs"
-        assert pairs(two/f'iter{t}') == pairs(one/f'iter{t}') and len(pairs(one/f'iter{t}')) > 0
+            if (one/f'iter{t}'/f).exists() or (two/f'iter{t}'/f).exists():
+                assert (two/f'iter{t}'/f).read_bytes() == (one/f'iter{t}'/f).read_bytes(), f"iter{t}/{f} differs"
+        assert pairs(two/f'iter{t}') == pairs(one/f'iter{t}') and (len(pairs(one/f'iter{t}')) > 0) == with_pairs
     a, b = adapters(two), adapters(one)
     for m in a:
         diff = max((a[m][k] - b[m][k]).abs().max().item() for k in a[m])
@@ -123,8 +124,10 @@ def test_a_second_launch_on_the_same_run_dir_is_refused(tmp_path):
     try: p = run(launch('run', '--preset', 'tiny', '--quiet', '--run-dir', tmp_path/'r'), ok=False)
     finally: lock.release()
     assert p.returncode != 0
-    lines = [l for l in p.stderr.splitlines() if l.startswith('cream: error:')]
-    assert len(lines) == 1 and 'is being written by pid 4242 on here' in lines[0], p.stderr[-3000:]
+    main = [l for l in p.stderr.splitlines() if l.startswith('cream: error: ')]
+    other = [l for l in p.stderr.splitlines() if l.startswith('cream: error (process 1): ')]
+    assert len(main) == len(other) == 1, p.stderr[-3000:]
+    assert all('is being written by pid 4242 on here' in l for l in main + other)
 
 def test_more_processes_than_prompts_is_refused_in_one_line(tmp_path):
     p = run(launch('run', '--preset', 'tiny', '--quiet', '--run-dir', tmp_path/'r', '--set', 'data.prompts_per_iteration=1'), ok=False)
@@ -167,7 +170,7 @@ def test_two_process_compare_equals_one_process_compare(tmp_path):
     run([BIN/'cream', *base, '--run-dir', tmp_path/'one', *ONE])
     p = run(launch(*base, '--run-dir', tmp_path/'two', *TWO))
     assert p.stdout.count('cream: comparison finished') == 1 and (tmp_path/'two'/'report.html').exists()
-    for m in COMPARE_METHODS[1:]:
-        assert_same_science(tmp_path/'two'/m, tmp_path/'one'/m)
+    for m in COMPARE_METHODS[1:]:   # the tiny model answers no question right: the oracle's rewards all tie, no pairs
+        assert_same_science(tmp_path/'two'/m, tmp_path/'one'/m, with_pairs=m != 'oracle')
     a, b = (json.loads((tmp_path/x/'compare.json').read_text()) for x in ('two', 'one'))
     assert a['accuracy'] == b['accuracy'] and a.get('consistency') == b.get('consistency')
