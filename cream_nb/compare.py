@@ -285,9 +285,10 @@ def judge_table(run_dir) -> dict:
 
 # %% ../nbs/13_compare.ipynb #0d1ebaa6
 def _wins(acc:float, n:int) -> int:
-    "Pairs won from an accuracy with ties counted half: a half count rounded towards n/2."
+    "Pairs won from an accuracy with ties counted half: a half count rounded towards n/2 (any other count to the nearest)."
     w = acc * n
-    return int(round(w)) if abs(w - round(w)) < 1e-6 else min((math.floor(w), math.ceil(w)), key=lambda x: abs(x - n / 2))
+    if abs(w - math.floor(w) - 0.5) > 1e-6: return int(round(w))
+    return min((math.floor(w), math.ceil(w)), key=lambda x: abs(x - n / 2))
 
 def _sd(c:dict) -> float|None:
     "SD (ddof=1) over prompts from a summary's std (ddof=0) and n."
