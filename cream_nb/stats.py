@@ -66,10 +66,12 @@ def mcnemar_exact(
     p = 1.0 if k == 0 else min(1.0, 2 * float(_st.binom.cdf(min(a_only, b_only), k, 0.5)))
     return {'n': len(a), 'a_only': a_only, 'b_only': b_only, 'p_value': p}
 
-# %% ../nbs/00b_stats.ipynb #b4c9f630
+# %% ../nbs/00b_stats.ipynb #2e307cad
 def two_proportion_test(
-    k1:int, n1:int, # successes and trials of the first sample
-    k2:int, n2:int, # successes and trials of the second
+    k1:int, # successes of the first sample
+    n1:int, # its trials
+    k2:int, # successes of the second sample
+    n2:int, # its trials
     method:str='fisher', # 'fisher' (exact, conditional) or 'z' (pooled normal approximation)
 )->float: # two-sided p-value of "the two shares are equal"
     "Two-sided test that two independent binomial shares k1/n1 and k2/n2 are equal."
@@ -112,7 +114,7 @@ def permutation_test(
     less, greater = ((null <= obs + gamma).sum() + adj) / (len(null) + adj), ((null >= obs - gamma).sum() + adj) / (len(null) + adj)
     return {'difference': float(obs), 'p_value': float(min(1.0, 2 * min(less, greater))), 'exact': exact}
 
-# %% ../nbs/00b_stats.ipynb #ea54b4f7
+# %% ../nbs/00b_stats.ipynb #c8480fb9
 def _t_power(d, n1, n2, alpha):
     df, nc = n1 + n2 - 2, d * math.sqrt(n1 * n2 / (n1 + n2))
     c = _st.t.isf(alpha / 2, df)
@@ -120,8 +122,10 @@ def _t_power(d, n1, n2, alpha):
     return pw if np.isfinite(pw) else _st.norm.sf(c - nc) + _st.norm.cdf(-c - nc)   # scipy's nct gives NaN at df in the thousands
 
 def mdd_means(
-    sd1:float, n1:int, # SD (ddof=1) and size of the first sample
-    sd2:float, n2:int, # of the second
+    sd1:float, # SD (ddof=1) of the first sample
+    n1:int, # its size
+    sd2:float, # SD (ddof=1) of the second sample
+    n2:int, # its size
     alpha:float=0.05, # two-sided level of the test
     power:float=0.8, # probability of detecting a difference of the returned size
 )->float: # the smallest |mean1 - mean2| detected with that power, in the values' units
@@ -152,9 +156,16 @@ def mdd_proportions(
     phi = math.asin(math.sqrt(p)) + (h / 2 if p <= 0.5 else -h / 2)
     return float(abs(math.sin(min(max(phi, 0.0), math.pi / 2))**2 - p))
 
-# %% ../nbs/00b_stats.ipynb #d0a318e5
-def connor_n(delta:float, discordant:float, alpha:float=0.05, power:float=0.8) -> float:
+# %% ../nbs/00b_stats.ipynb #c82380e9
+def connor_n(
+    delta:float, # accuracy difference p10 - p01 to detect
+    discordant:float, # share psi = p10 + p01 of discordant questions (delta² <= psi)
+    alpha:float=0.05, # two-sided level
+    power:float=0.8, # probability of detection
+)->float: # paired questions needed
     "Connor's (1987) number of paired questions McNemar's test needs to detect `delta` at discordant share `discordant`."
+    _check_share(discordant, 'discordant'); _check_level(alpha, 'alpha'); _check_level(power, 'power')
+    if not 0 < delta * delta <= discordant: raise ValueError(f"delta = {delta!r}: needs 0 < delta² <= discordant = {discordant!r}")
     za, zb = _st.norm.isf(alpha / 2), _st.norm.ppf(power)
     return (za * math.sqrt(discordant) + zb * math.sqrt(discordant - delta**2))**2 / delta**2
 
