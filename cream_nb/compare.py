@@ -417,7 +417,7 @@ def tests_text(tab:dict) -> str:
             "smallest accuracy difference (points) detectable with 80% power at that discordance (Connor 1987; '>x': none up to x)\n"
             + _grid(['method', 'model', 'questions', 'vs M1', f'vs {ref}'], rows))
 
-# %% ../nbs/13_compare.ipynb #ddde95c8
+# %% ../nbs/13_compare.ipynb #efbcfebe
 def consistency_text(tab:dict) -> str:
     "Consistency of M_t's and M_{t-1}'s rankings (mean [95% bootstrap interval]), against the reference, reward accuracy, pairs, movement."
     rows, vs, notes, st, ref = [], [], [], _stats(tab)['consistency'], tab.get('reference')
@@ -435,9 +435,9 @@ def consistency_text(tab:dict) -> str:
     return ("Consistency (M_t vs M_{t-1} implicit rewards) over the prompts both rank: mean [95% bootstrap interval], self-reward\n"
             "accuracy vs gold, pairs, movement |Δlog π| and margin after DPO\n"
             + _grid(['method', 'iter', 'ranked', 'kendall', 'spearman', 'top-order', 'rew.acc', 'pairs', '|Δlogπ|', 'margin'], rows)
+            + ''.join(f"\n  {n}" for n in notes)    # the notes stay with the table they explain (the docs split the text at blank lines)
             + (f"\n\nConsistency against {ref} (same iteration, unpaired): difference of means, permutation p, and the smallest difference\n"
-               "detectable with 80% power (two-sample t, pooled SD)\n" + _grid(['method', 'iter', 'kendall', 'spearman', 'top-order'], vs) if vs else '')
-            + ''.join(f"\n  {n}" for n in notes))
+               "detectable with 80% power (two-sample t, pooled SD)\n" + _grid(['method', 'iter', 'kendall', 'spearman', 'top-order'], vs) if vs else ''))
 
 # %% ../nbs/13_compare.ipynb #ba91d808
 def reward_accuracy_text(tab:dict) -> str:

@@ -254,4 +254,6 @@ def test_statistics_from_the_committed_comparison():
     assert st['paired_mdd']['dpo']['vs_reference'] is None           # 3 of 100 discordant
     text = C.compare_text(tab)
     assert 'Consistency against cream-avg' in text and 'mdd >3' in text and 'Self-reward accuracy vs gold' in text
+    main, against = C.consistency_text(tab).split('\n\n')                # the note stays with the table it explains
+    assert main.endswith('M_t is M_{t-1} unchanged, trained on no pairs') and against.startswith('Consistency against cream-avg')
     assert len(C.consistency_distribution_figure(tab).data) == 0 and len(C.compare_figures(tab)) == 3
