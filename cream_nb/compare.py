@@ -17,11 +17,13 @@ from . import loop as L
 
 # %% auto #0
 __all__ = ['COMPARE_METHODS', 'DEFAULT_METHODS', 'comparison_methods', 'describe_method', 'method_config', 'StageCache',
-           'using_cache', 'compare', 'analyse_run', 'mcnemar_exact', 'method_models', 'predictions', 'accuracy_cells',
-           'paired_tests', 'consistency_table', 'movement_table', 'reward_accuracy_table', 'compare_dirs',
-           'compare_tables', 'write_tables', 'accuracy_text', 'tests_text', 'consistency_text', 'compare_text',
-           'accuracy_by_method_figure', 'consistency_by_method_figure', 'compare_figures', 'pair_choices',
-           'shared_prompts', 'pair_choices_html', 'PairChooser', 'compare_report_html', 'is_comparison']
+           'using_cache', 'compare', 'analyse_run', 'method_models', 'predictions', 'accuracy_cells', 'paired_mdd',
+           'paired_tests', 'consistency_table', 'movement_table', 'reward_accuracy_table', 'judge_table',
+           'consistency_statistics', 'reward_accuracy_statistics', 'table_statistics', 'compare_dirs', 'compare_tables',
+           'write_tables', 'accuracy_text', 'tests_text', 'consistency_text', 'reward_accuracy_text', 'judge_text',
+           'compare_text', 'accuracy_by_method_figure', 'consistency_by_method_figure',
+           'consistency_distribution_figure', 'compare_figures', 'pair_choices', 'shared_prompts', 'pair_choices_html',
+           'PairChooser', 'compare_report_html', 'is_comparison']
 
 # %% ../nbs/13_compare.ipynb #7896f910
 from .methods import get_method, method_names
@@ -168,21 +170,9 @@ def analyse_run(run):
             write_json({'model': f'm{t+1}', 'chosen': lp[:len(pairs)], 'rejected': lp[len(pairs):]}, d/'compare'/'pair_logps.json')
         barrier()
 
-# %% ../nbs/13_compare.ipynb #a994f093
-from .evaluate import accuracy_interval
-
-# %% ../nbs/13_compare.ipynb #637e4dc3
-def mcnemar_exact(
-    a:list, # (n,) bool: model A right on question i
-    b:list, # (n,) bool: model B right on the same question i
-)->dict: # {"n", "a_only", "b_only", "p_value"}
-    "McNemar's exact test (two-sided binomial on the discordant pairs) of two models on the same questions."
-    from scipy.stats import binom
-    if len(a) != len(b): raise ValueError(f"paired test needs the same questions: {len(a)} answers of A, {len(b)} of B")
-    a_only = sum(1 for x, y in zip(a, b) if x and not y); b_only = sum(1 for x, y in zip(a, b) if y and not x)
-    k = a_only + b_only
-    p = 1.0 if k == 0 else min(1.0, 2 * float(binom.cdf(min(a_only, b_only), k, 0.5)))
-    return {'n': len(a), 'a_only': a_only, 'b_only': b_only, 'p_value': p}
+# %% ../nbs/13_compare.ipynb #7d05c2a5
+from .stats import (wilson_interval, mcnemar_exact, binomial_test, two_proportion_test, bootstrap_mean_interval,
+                            permutation_test, mdd_means, mdd_proportions, mdd_paired_proportions)
 
 # %% ../nbs/13_compare.ipynb #f9520d4d
 def _eval_dir(run_dir:Path, model:str) -> Path:
@@ -199,47 +189,56 @@ def predictions(run_dir, model:str) -> dict:
     "(task, question id) -> correct, for one model of a method directory."
     return {(r['task'], r['id']): bool(r['correct']) for r in read_jsonl(_eval_dir(Path(run_dir), model)/'predictions.jsonl')}
 
-# %% ../nbs/13_compare.ipynb #24c6f248
+# %% ../nbs/13_compare.ipynb #474aa2ef
 def accuracy_cells(preds:dict) -> dict:
     "task -> {accuracy, correct, n, low, high} and 'average' (macro accuracy; interval over all questions pooled)."
     tasks = sorted({t for t, _ in preds})
     out = {}
     for t in tasks:
         v = [c for (tt, _), c in preds.items() if tt == t]
-        lo, hi = accuracy_interval(sum(v), len(v))
+        lo, hi = wilson_interval(sum(v), len(v))
         out[t] = {'accuracy': sum(v) / len(v), 'correct': sum(v), 'n': len(v), 'low': lo, 'high': hi}
     k, n = sum(preds.values()), len(preds)
-    lo, hi = accuracy_interval(k, n)
+    lo, hi = wilson_interval(k, n)
     out['average'] = {'accuracy': statistics.fmean(out[t]['accuracy'] for t in tasks) if tasks else None,
                       'correct': k, 'n': n, 'low': lo, 'high': hi}
     return out
 
-# %% ../nbs/13_compare.ipynb #0e725309
+# %% ../nbs/13_compare.ipynb #3116c5af
+def paired_mdd(x:dict|None) -> float|None:
+    "MDD of a McNemar result {n, a_only, b_only}: Connor's (1987) at the observed discordant share (None: none detectable)."
+    return None if not x or not x.get('n') else mdd_paired_proportions(x['n'], (x['a_only'] + x['b_only']) / x['n'])
+
+def _mcnemar(a:dict, b:dict, against:str) -> dict:
+    "McNemar pooled over the questions both answered, and per task, each with its MDD."
+    def one(keys): r = mcnemar_exact([a[k] for k in keys], [b[k] for k in keys]); return {**r, 'mdd': paired_mdd(r)}
+    keys = sorted(set(a) & set(b))
+    return {**one(keys), 'against': against, 'tasks': {t: one([k for k in keys if k[0] == t]) for t in sorted({k[0] for k in keys})}}
+
 def paired_tests(dirs:dict, reference:str|None) -> dict:
-    "McNemar of each method's last model against M1 and against `reference`'s last model, on the questions both answered."
-    out = {}
-    last = {m: method_models(d)[-1] for m, d in dirs.items() if method_models(d)}
-    def test(m, om, od, mm):
-        a, b = predictions(dirs[m], last[m]), predictions(od, om)
-        keys = sorted(set(a) & set(b))
-        return {**mcnemar_exact([a[k] for k in keys], [b[k] for k in keys]), 'against': f'{mm}:{om}'}
+    "McNemar of each method's last model against M1 and against `reference`'s last model: pooled and per task, with the MDD."
+    out, last = {}, {m: method_models(d)[-1] for m, d in dirs.items() if method_models(d)}
+    def test(m, om, od, mm): return _mcnemar(predictions(dirs[m], last[m]), predictions(od, om), f'{mm}:{om}')
     for m in last:
         out[m] = {'model': last[m], 'vs_m1': test(m, 'm1', dirs[m], m) if last[m] != 'm1' else None,
                   'vs_reference': test(m, last[reference], dirs[reference], reference) if reference in last and m != reference else None}
     return out
 
-# %% ../nbs/13_compare.ipynb #2592589f
+# %% ../nbs/13_compare.ipynb #92798d70
 def _mean_std(v:list) -> dict:
+    "mean, std (over prompts, ddof=0), n, the 95% percentile bootstrap interval of the mean (n >= 2) and the per-prompt `values`."
     v = [x for x in v if x is not None]
-    return {'mean': statistics.fmean(v), 'std': statistics.pstdev(v), 'n': len(v)} if v else {'mean': None, 'std': None, 'n': 0}
+    if not v: return {'mean': None, 'std': None, 'n': 0, 'low': None, 'high': None, 'values': []}
+    lo, hi = bootstrap_mean_interval(v) if len(v) > 1 else (None, None)
+    return {'mean': statistics.fmean(v), 'std': statistics.pstdev(v), 'n': len(v), 'low': lo, 'high': hi, 'values': v}
 
 def _ranks(v) -> bool:
     "Whether rewards `v` order the responses at all (two or more distinct values)."
     return isinstance(v, list) and len({x for x in v if x is not None}) > 1
 
 def consistency_table(run_dir) -> dict:
-    """Per iteration: Kendall, Spearman and top-order agreement of M_t's and M_{t-1}'s implicit-reward rankings, mean/std over
-    the prompts both rank (`unranked`: prompts left out), and the iteration's preference pairs."""
+    """Per iteration: Kendall, Spearman and top-order agreement of M_t's and M_{t-1}'s implicit-reward rankings, mean/std, bootstrap
+    interval and per-prompt values over the prompts both rank (`unranked`: prompts left out), and the iteration's preference pairs."""
     from cream_nb.consistency import consistency_rates
     run_dir, out, t = Path(run_dir), {}, 1
     while (run_dir/f'iter{t}').exists():
@@ -251,7 +250,7 @@ def consistency_table(run_dir) -> dict:
         if not rows: break
         ranked = [r for r in rows if _ranks(r['current']) and _ranks(r['previous'])]
         cur, prev = {r['prompt_id']: r['current'] for r in ranked}, {r['prompt_id']: r['previous'] for r in ranked}
-        out[t] = {m: _mean_std(list(consistency_rates(cur, prev, m).values())) if ranked else _mean_std([])
+        out[t] = {m: _mean_std([v for _, v in sorted(consistency_rates(cur, prev, m).items())]) if ranked else _mean_std([])
                   for m in ('kendall', 'spearman', 'toporder')}
         stats = read_json(d/'pairs_stats.json') if (d/'pairs_stats.json').exists() else {}
         out[t].update(prompts=len(rows), unranked=len(rows) - len(ranked), pairs=stats.get('pairs'))
@@ -280,7 +279,76 @@ def reward_accuracy_table(run_dir) -> dict:
         out[int(f.parent.name[4:])] = (read_json(f) or {}).get('current')
     return dict(sorted(out.items()))
 
-# %% ../nbs/13_compare.ipynb #6f6e0e93
+# %% ../nbs/13_compare.ipynb #4e0a6616
+def judge_table(run_dir) -> dict:
+    "Per iteration with `iter<t>/judge_stats.json` (SRLM): judgements made, parsed and unparseable, the parse rate and its Wilson interval."
+    out = {}
+    for f in Path(run_dir).glob('iter*/judge_stats.json'):
+        j = read_json(f); n, k = int(j.get('n') or 0), int(j.get('parsed') or 0)
+        lo, hi = wilson_interval(k, n) if n else (None, None)
+        out[int(f.parent.name[4:])] = {'n': n, 'parsed': k, 'unparseable': j.get('unparseable'), 'parse_rate': k / n if n else None, 'low': lo, 'high': hi}
+    return dict(sorted(out.items()))
+
+# %% ../nbs/13_compare.ipynb #d3980aa8
+def _wins(acc:float, n:int) -> int:
+    "Pairs won from an accuracy with ties counted half: a half count rounded towards n/2 (any other count to the nearest)."
+    w = acc * n
+    if abs(w - math.floor(w) - 0.5) > 1e-6: return int(round(w))
+    return min((math.floor(w), math.ceil(w)), key=lambda x: abs(x - n / 2))
+
+def _sd(c:dict) -> float|None:
+    "SD (ddof=1) over prompts from a summary's std (ddof=0) and n."
+    return None if not c or c.get('std') is None or c.get('n', 0) < 2 else c['std'] * math.sqrt(c['n'] / (c['n'] - 1))
+
+def _it(d:dict, t): return (d or {}).get(t, (d or {}).get(str(t)))   # iteration keys are ints in memory, strings in JSON
+
+# %% ../nbs/13_compare.ipynb #74cc7754
+def consistency_statistics(cons:dict, reference:str|None) -> dict:
+    "method -> iteration -> measure -> difference to `reference`'s mean, permutation p (needs the per-prompt values) and MDD."
+    out = {}
+    for m, its in cons.items():
+        for t, c in its.items():
+            r = _it(cons.get(reference), t) if reference and m != reference else None
+            if r is None: continue
+            row = {}
+            for k in ('kendall', 'spearman', 'toporder'):
+                a, b = c.get(k) or {}, r.get(k) or {}
+                if a.get('mean') is None or b.get('mean') is None: continue
+                x, y = a.get('values') or [], b.get('values') or []
+                pt = permutation_test(x, y) if len(x) > 1 and len(y) > 1 else None
+                sa, sb = _sd(a), _sd(b)
+                row[k] = {'difference': a['mean'] - b['mean'], 'p_value': pt['p_value'] if pt else None,
+                          'mdd': mdd_means(sa, a['n'], sb, b['n']) if sa is not None and sb is not None and sa + sb > 0 else None}  # no spread: no test
+            out.setdefault(m, {})[str(t)] = {'against': reference, **row}
+    return out
+
+# %% ../nbs/13_compare.ipynb #ba1f3741
+def reward_accuracy_statistics(ra:dict, reference:str|None) -> dict:
+    "method -> iteration -> the self-reward's accuracy: Wilson interval, binomial p against 50%, Fisher p against `reference`, MDDs."
+    out = {}
+    for m, its in ra.items():
+        for t, c in its.items():
+            if not c or c.get('accuracy') is None or not c.get('pairs'): continue
+            n = int(c['pairs']); k = _wins(c['accuracy'], n)
+            row = {'wins': k, 'pairs': n, 'low': wilson_interval(k, n)[0], 'high': wilson_interval(k, n)[1],
+                   'p_vs_half': binomial_test(k, n), 'mdd_vs_half': mdd_proportions(0.5, n),
+                   'against': None, 'p_vs_reference': None, 'mdd_vs_reference': None}
+            r = _it(ra.get(reference), t) if reference and m != reference else None
+            if r and r.get('accuracy') is not None and r.get('pairs'):
+                nr = int(r['pairs']); kr = _wins(r['accuracy'], nr)
+                row.update(against=reference, p_vs_reference=two_proportion_test(k, n, kr, nr), mdd_vs_reference=mdd_proportions((k + kr) / (n + nr), n, nr))
+            out.setdefault(m, {})[str(t)] = row
+    return out
+
+# %% ../nbs/13_compare.ipynb #cca42ee1
+def table_statistics(tab:dict) -> dict:
+    "The statistics the printed tables add to `compare_tables`' numbers, from the tables alone (so from a compare.json too)."
+    ref = tab.get('reference')
+    return {'consistency': consistency_statistics(tab.get('consistency') or {}, ref),
+            'reward_accuracy': reward_accuracy_statistics(tab.get('reward_accuracy') or {}, ref),
+            'paired_mdd': {m: {k: paired_mdd(v.get(k)) for k in ('vs_m1', 'vs_reference')} for m, v in (tab.get('paired_tests') or {}).items()}}
+
+# %% ../nbs/13_compare.ipynb #21c8d71d
 def compare_dirs(run_dir) -> dict:
     "method -> its directory, in COMPARE_METHODS order (then any other run directory), for a comparison directory."
     run_dir = Path(run_dir)
@@ -288,16 +356,19 @@ def compare_dirs(run_dir) -> dict:
     return {m: run_dir/m for m in sorted(found, key=lambda m: (list(COMPARE_METHODS).index(m) if m in COMPARE_METHODS else 99, m))}
 
 def compare_tables(run_dir, reference:str='cream-avg') -> dict:
-    "All the comparison's tables, from the method directories only."
+    "All the comparison's tables and their `statistics`, from the method directories only."
     dirs = compare_dirs(run_dir)
     if not dirs: raise ArtifactError(f"{run_dir} holds no method directory (a sub-folder with config.json): run `cream compare` first")
     acc = {m: {k: accuracy_cells(predictions(d, k)) for k in method_models(d)} for m, d in dirs.items()}
     ref = reference if reference in dirs else next((m for m in dirs if m.startswith('cream')), None)
-    return {'run_dir': str(run_dir), 'methods': list(dirs), 'reference': ref, 'accuracy': acc,
+    tab = {'run_dir': str(run_dir), 'methods': list(dirs), 'reference': ref, 'accuracy': acc,
             'paired_tests': paired_tests(dirs, ref),
             'consistency': {m: consistency_table(d) for m, d in dirs.items()},
             'reward_accuracy': {m: reward_accuracy_table(d) for m, d in dirs.items()},
-            'movement': {m: movement_table(d) for m, d in dirs.items()}}
+            'movement': {m: movement_table(d) for m, d in dirs.items()},
+            'judge': {m: judge_table(d) for m, d in dirs.items()}}
+    tab['statistics'] = table_statistics(tab)
+    return tab
 
 # %% ../nbs/13_compare.ipynb #431ad7a2
 def write_tables(run_dir, reference:str='cream-avg') -> dict:
@@ -328,35 +399,75 @@ def accuracy_text(tab:dict) -> str:
     n = next((c['n'] for m in tab['accuracy'].values() for cells in m.values() for t, c in cells.items() if t != 'average'), '?')
     return f"Accuracy, % [95% Wilson interval], {n} questions per task\n" + _grid(['method', 'model'] + tasks + ['average'], rows)
 
-# %% ../nbs/13_compare.ipynb #923e4aa6
-def _p(x): return '-' if x is None else f"{x['a_only']}/{x['b_only']} p={x['p_value']:.3f}"
+# %% ../nbs/13_compare.ipynb #fe3d588c
+def _stats(tab:dict) -> dict: return tab.get('statistics') or table_statistics(tab)   # an older compare.json has none: computed here
+def _pv(p) -> str: return '-' if p is None else f"p={p:.3f}" if p >= 0.001 else "p<0.001"
+def _mddp(x, v) -> str:   # a McNemar MDD in points; '>x' when none up to the discordant share x is detectable
+    if not x or not x.get('n') or x['a_only'] + x['b_only'] == 0: return '-'
+    return f"mdd {100*v:.1f}" if v is not None else f"mdd >{100*(x['a_only'] + x['b_only']) / x['n']:.0f}"
+def _p(x, v=None): return '-' if x is None else f"{x['a_only']}/{x['b_only']} {_pv(x['p_value'])} {_mddp(x, v if v is not None or 'mdd' not in x else x['mdd'])}".rstrip()
 def _ms(x, nd=3): return '-' if not x or x.get('mean') is None else f"{x['mean']:.{nd}f}±{x['std']:.{nd}f}"
+def _ci(x, nd=3):    # mean [95% bootstrap interval], or mean±std where the interval is not stored (an older compare.json)
+    if not x or x.get('mean') is None: return '-'
+    return f"{x['mean']:.{nd}f} [{x['low']:.{nd-1}f},{x['high']:.{nd-1}f}]" if x.get('low') is not None else _ms(x, nd)
 def _f(x, nd=3): return '-' if x is None else f"{x:.{nd}f}"
 
 def tests_text(tab:dict) -> str:
-    "McNemar of each method's last model: questions only it got right / only the other got right, exact p."
-    ref = tab.get('reference')
-    rows = [[m, v['model'], _p(v['vs_m1']), _p(v['vs_reference'])] for m, v in tab['paired_tests'].items()]
-    return "Paired tests (McNemar exact) of each method's last model\n" + _grid(['method', 'model', 'vs M1', f'vs {ref}'], rows)
+    "McNemar of each method's last model against M1 and the reference, pooled and per task, with the MDD (points, 80% power)."
+    ref, st, rows = tab.get('reference'), _stats(tab)['paired_mdd'], []
+    for m, v in tab['paired_tests'].items():
+        rows.append([m, v['model'], 'pooled', _p(v['vs_m1'], st.get(m, {}).get('vs_m1')), _p(v['vs_reference'], st.get(m, {}).get('vs_reference'))])
+        for t in sorted({t for k in ('vs_m1', 'vs_reference') for t in ((v.get(k) or {}).get('tasks') or {})}):
+            rows.append(['', '', t] + [_p(((v.get(k) or {}).get('tasks') or {}).get(t)) for k in ('vs_m1', 'vs_reference')])
+    return ("Paired tests (McNemar exact) of each method's last model: questions only it / only the other got right, exact p, and the\n"
+            "smallest accuracy difference (points) detectable with 80% power at that discordance (Connor 1987; '>x': none up to x)\n"
+            + _grid(['method', 'model', 'questions', 'vs M1', f'vs {ref}'], rows))
 
+# %% ../nbs/13_compare.ipynb #f0f5f886
 def consistency_text(tab:dict) -> str:
-    "Consistency of M_t's and M_{t-1}'s rankings (mean±std over prompts), reward accuracy, pairs and model movement."
-    rows, notes = [], []
+    "Consistency of M_t's and M_{t-1}'s rankings (mean [95% bootstrap interval]), against the reference, reward accuracy, pairs, movement."
+    rows, vs, notes, st, ref = [], [], [], _stats(tab)['consistency'], tab.get('reference')
     for m, its in tab['consistency'].items():
         for t, c in its.items():
-            ra, mv = (tab['reward_accuracy'].get(m) or {}).get(str(t)) or {}, (tab['movement'].get(m) or {}).get(str(t)) or {}
-            rows.append([m, t, _ms(c['kendall']), _ms(c['spearman']), _ms(c['toporder']), _f(ra.get('accuracy')),
+            ra, mv = _it(tab['reward_accuracy'].get(m), t) or {}, _it(tab['movement'].get(m), t) or {}
+            rows.append([m, t, (c.get('kendall') or {}).get('n', '-'), _ci(c['kendall']), _ci(c['spearman']), _ci(c['toporder']), _f(ra.get('accuracy')),
                          '-' if c.get('pairs') is None else c['pairs'], _f(mv.get('mean_abs_logp_change')), _f(mv.get('margin_after'))])
+            s = _it(st.get(m), t)
+            if s: vs.append([m, t] + [(lambda d: '-' if not d else f"{d['difference']:+.3f} {_pv(d['p_value'])} mdd {_f(d['mdd'], 2)}")(s.get(k))
+                                      for k in ('kendall', 'spearman', 'toporder')])
             if c.get('unranked'):
                 notes.append(f"{m} iteration {t}: {c['unranked']} of {c['prompts']} prompts left out, their M_t or M_{{t-1}} rewards all "
                              f"equal (no ranking){' -- M_t is M_{t-1} unchanged, trained on no pairs' if c['unranked'] == c['prompts'] else ''}")
-    return ("Consistency (M_t vs M_{t-1} implicit rewards), self-reward accuracy vs gold, pairs, movement |Δlog π| and margin after DPO\n"
-            + _grid(['method', 'iter', 'kendall', 'spearman', 'top-order', 'rew.acc', 'pairs', '|Δlogπ|', 'margin'], rows)
-            + ''.join(f"\n  {n}" for n in notes))
+    return ("Consistency (M_t vs M_{t-1} implicit rewards) over the prompts both rank: mean [95% bootstrap interval], self-reward\n"
+            "accuracy vs gold, pairs, movement |Δlog π| and margin after DPO\n"
+            + _grid(['method', 'iter', 'ranked', 'kendall', 'spearman', 'top-order', 'rew.acc', 'pairs', '|Δlogπ|', 'margin'], rows)
+            + ''.join(f"\n  {n}" for n in notes)    # the notes stay with the table they explain (the docs split the text at blank lines)
+            + (f"\n\nConsistency against {ref} (same iteration, unpaired): difference of means, permutation p, and the smallest difference\n"
+               "detectable with 80% power (two-sample t, pooled SD)\n" + _grid(['method', 'iter', 'kendall', 'spearman', 'top-order'], vs) if vs else ''))
+
+# %% ../nbs/13_compare.ipynb #e9364963
+def reward_accuracy_text(tab:dict) -> str:
+    "The self-reward's pairwise accuracy vs gold: Wilson interval, exact p against 50%, Fisher p against the reference, and the MDDs."
+    rows, ref = [], tab.get('reference')
+    for m, its in _stats(tab)['reward_accuracy'].items():
+        for t, r in its.items():
+            rows.append([m, t, f"{r['wins']}/{r['pairs']}", f"{100*r['wins']/r['pairs']:.1f} [{100*r['low']:.0f},{100*r['high']:.0f}]",
+                         f"{_pv(r['p_vs_half'])} mdd {100*r['mdd_vs_half']:.1f}",
+                         '-' if r['p_vs_reference'] is None else f"{_pv(r['p_vs_reference'])} mdd {100*r['mdd_vs_reference']:.1f}"])
+    if not rows: return "Self-reward accuracy vs gold: no iteration has (correct, incorrect) response pairs"
+    return ("Self-reward accuracy vs gold, % of (correct, incorrect) response pairs ranked right [95% Wilson], exact binomial p against 50%,\n"
+            f"Fisher p against {ref}, MDDs in points (80% power). Pairs of one prompt share responses: intervals and p-values are optimistic.\n"
+            + _grid(['method', 'iter', 'won/pairs', 'accuracy', 'vs 50%', f'vs {ref}'], rows))
+
+def judge_text(tab:dict) -> str:
+    "The LLM judge's parse rate per method and iteration (methods with `judge_stats.json`), with 95% Wilson intervals."
+    rows = [[m, t, f"{j['parsed']}/{j['n']}", '-' if j['parse_rate'] is None else f"{100*j['parse_rate']:.1f} [{100*j['low']:.0f},{100*j['high']:.0f}]"]
+            for m, its in (tab.get('judge') or {}).items() for t, j in its.items()]
+    return "Judge parse rate, % of judgements with a score [95% Wilson]\n" + _grid(['method', 'iter', 'parsed/n', 'parse rate'], rows) if rows else ''
 
 def compare_text(tab:dict) -> str:
     "Every printed table of a comparison."
-    return '\n\n'.join([accuracy_text(tab), tests_text(tab), consistency_text(tab)])
+    return '\n\n'.join(x for x in [accuracy_text(tab), tests_text(tab), consistency_text(tab), reward_accuracy_text(tab), judge_text(tab)] if x)
 
 # %% ../nbs/13_compare.ipynb #60042128
 import plotly.graph_objects as go
@@ -385,9 +496,16 @@ def accuracy_by_method_figure(tab:dict) -> go.Figure:
     fig.update_yaxes(range=[0, 1]); fig.update_layout(title='Accuracy per task and model (95% Wilson intervals)', height=600, **_LAYOUT)
     return fig
 
-# %% ../nbs/13_compare.ipynb #aab46689
+# %% ../nbs/13_compare.ipynb #d2541993
+def _consistency_bars(cs:list) -> dict:
+    "Error bars: the bootstrap interval where stored, else ± the std over prompts."
+    if all(c.get('low') is not None for c in cs if c.get('mean') is not None):
+        return dict(type='data', symmetric=False, array=[None if c['mean'] is None else c['high'] - c['mean'] for c in cs],
+                    arrayminus=[None if c['mean'] is None else c['mean'] - c['low'] for c in cs], thickness=1)
+    return dict(type='data', array=[c['std'] for c in cs], thickness=1)
+
 def consistency_by_method_figure(tab:dict) -> go.Figure:
-    "Kendall, Spearman and top-order consistency of M_t's and M_{t-1}'s rankings per iteration, every method (± std over prompts)."
+    "Kendall, Spearman and top-order consistency of M_t's and M_{t-1}'s rankings per iteration, every method (95% bootstrap intervals)."
     fig = make_subplots(rows=1, cols=3, subplot_titles=['Kendall (τ+1)/2', 'Spearman (ρ+1)/2', 'top-order'], shared_yaxes=True)
     for j, k in enumerate(('kendall', 'spearman', 'toporder')):
         for i, (m, its) in enumerate(tab['consistency'].items()):
@@ -395,16 +513,30 @@ def consistency_by_method_figure(tab:dict) -> go.Figure:
             dx = (i - (len(tab['consistency']) - 1) / 2) * 0.04
             fig.add_trace(go.Scatter(x=[int(t) + dx for t in its], y=[c[k]['mean'] for c in its.values()], name=m, legendgroup=m,
                                      showlegend=j == 0, mode='lines+markers', line=dict(color=_COLORS.get(m)),
-                                     error_y=dict(type='data', array=[c[k]['std'] for c in its.values()], thickness=1)),
+                                     error_y=_consistency_bars([c[k] for c in its.values()])),
                           row=1, col=j + 1)
     ts = sorted({int(t) for its in tab['consistency'].values() for t in its})
     fig.update_xaxes(tickvals=ts, ticktext=[f'iteration {t}' for t in ts])
     fig.update_yaxes(range=[0, 1]); fig.update_layout(title='Ranking consistency between consecutive models', height=380, **_LAYOUT)
     return fig
 
+def consistency_distribution_figure(tab:dict) -> go.Figure:
+    "Per-prompt consistency behind each mean: a box (with every prompt's point) per method and iteration, one panel per measure."
+    fig = make_subplots(rows=1, cols=3, subplot_titles=['Kendall (τ+1)/2', 'Spearman (ρ+1)/2', 'top-order'], shared_yaxes=True)
+    for j, k in enumerate(('kendall', 'spearman', 'toporder')):
+        for m, its in tab['consistency'].items():
+            xs, ys = [], []
+            for t, c in its.items(): v = (c.get(k) or {}).get('values') or []; xs += [f'iteration {t}'] * len(v); ys += v
+            if ys: fig.add_trace(go.Box(x=xs, y=ys, name=m, legendgroup=m, showlegend=j == 0, marker=dict(color=_COLORS.get(m), size=3),
+                                        boxpoints='all', jitter=0.4, pointpos=0, boxmean=True), row=1, col=j + 1)
+    if not fig.data: fig.add_annotation(text='no per-prompt values stored in these tables', showarrow=False, x=0.5, y=0.5, xref='paper', yref='paper')
+    fig.update_yaxes(range=[-0.05, 1.05]); fig.update_layout(boxmode='group', title='Per-prompt consistency (boxes: quartiles; dashed: mean)', height=400, **_LAYOUT)
+    return fig
+
 def compare_figures(tab:dict) -> dict:
     "Every figure of a comparison, by title."
-    return {'Accuracy per task': accuracy_by_method_figure(tab), 'Ranking consistency': consistency_by_method_figure(tab)}
+    return {'Accuracy per task': accuracy_by_method_figure(tab), 'Ranking consistency': consistency_by_method_figure(tab),
+            'Per-prompt consistency': consistency_distribution_figure(tab)}
 
 # %% ../nbs/13_compare.ipynb #5302c6b6
 from .inspect import reward_ranks

@@ -14,9 +14,8 @@ from .processes import world_size, shared_batches, is_writer
 
 # %% auto #0
 __all__ = ['MC_LABELS', 'NUMERIC_TASKS', 'EXTRACT_TASKS', 'extract_answer', 'answers_match', 'accuracy_table', 'correctness',
-           'reward_accuracy', 'iteration_reward_accuracy', 'accuracy_interval', 'task_metrics', 'metrics_intervals',
-           'greedy_answers', 'generate_predictions', 'harness_tasks', 'loglik_predictions', 'loglik_across_processes',
-           'evaluate']
+           'reward_accuracy', 'iteration_reward_accuracy', 'task_metrics', 'metrics_intervals', 'greedy_answers',
+           'generate_predictions', 'harness_tasks', 'loglik_predictions', 'loglik_across_processes', 'evaluate']
 
 # %% ../nbs/09_evaluate.ipynb #dbb9ae42
 MC_LABELS = {'arc_easy': list('ABCDE'), 'arc_challenge': list('ABCDE'), 'openbookqa': list('ABCD'),
@@ -232,19 +231,7 @@ def iteration_reward_accuracy(
     return {k: reward_accuracy({r['prompt_id']: r[k] for r in rows if k in r}, correct) for k in keys}
 
 # %% ../nbs/09_evaluate.ipynb #3820378f
-def accuracy_interval(
-    correct:int, # questions answered correctly
-    n:int, # questions asked
-    level:float=0.95, # coverage of the interval
-)->tuple: # (lo, hi), the Wilson score interval of the accuracy correct / n
-    "Wilson score interval of a binomial proportion."
-    from scipy.stats import norm
-    if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"n = {n!r}: an accuracy interval needs n >= 1 questions")
-    if not (isinstance(correct, (int, np.integer)) and 0 <= correct <= n): raise ValueError(f"correct = {correct!r} must be an integer in [0, n = {n}]")
-    if not 0 < level < 1: raise ValueError(f"level = {level!r} must lie in (0, 1), e.g. 0.95")
-    z, p = norm.ppf(0.5 + level / 2), correct / n
-    centre, half = (p + z*z / (2*n)) / (1 + z*z / n), z / (1 + z*z / n) * np.sqrt(p * (1 - p) / n + z*z / (4*n*n))
-    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+from .stats import wilson_interval as accuracy_interval   # the one Wilson interval (nbs/00b_stats.ipynb), under this notebook's name
 
 # %% ../nbs/09_evaluate.ipynb #541351be
 def task_metrics(

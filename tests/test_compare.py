@@ -176,3 +176,84 @@ def test_pair_chooser_getters(tiny):
     assert rows['cream-avg']['C_train'] == 'avg' and rows['dpo']['C_train'] == 1.0
     pc.iteration.value = 2
     assert pc.prompt.value in C.shared_prompts(root, 2) and '<b>dpo</b>' in pc.view.value
+
+# ---------------------------------------------------------------- the statistics the tables state (cream_nb.stats in place)
+
+def test_consistency_intervals_tests_and_mdd(hand):
+    "Per-prompt values, bootstrap interval (scipy's percentile bootstrap), permutation p (scipy) and MDD (statsmodels' t-test power)."
+    from scipy.stats import bootstrap, permutation_test
+    from statsmodels.stats.power import TTestIndPower
+    root, _, _, r = hand
+    tab = json.loads(json.dumps(C.compare_tables(root)))
+    c = tab['consistency']['cream-avg']['1']['kendall']
+    kt = [(kendalltau(r['cur'][k], r['prev'][k]).statistic + 1) / 2 for k in range(5)]   # prompts p0..p4, in id order
+    assert c['values'] == pytest.approx(kt)
+    ci = bootstrap((np.array(kt),), np.mean, method='percentile', n_resamples=9999, rng=np.random.default_rng(0)).confidence_interval
+    assert (c['low'], c['high']) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    s = tab['statistics']['consistency']['dpo']['1']
+    assert s['against'] == 'cream-avg' and 'cream-avg' not in tab['statistics']['consistency']
+    ref = permutation_test((kt, kt), lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis), permutation_type='independent')
+    assert s['kendall']['difference'] == pytest.approx(0) and s['kendall']['p_value'] == pytest.approx(ref.pvalue) == 1.0
+    sd = np.std(kt, ddof=1)
+    assert s['kendall']['mdd'] == pytest.approx(sd * TTestIndPower().solve_power(nobs1=5, ratio=1, alpha=0.05, power=0.8), rel=1e-4)
+
+def test_reward_accuracy_statistics(hand):
+    from scipy.stats import binomtest, fisher_exact
+    root, *_ = hand
+    st = C.compare_tables(root)['statistics']['reward_accuracy']
+    d, c = st['dpo']['1'], st['cream-avg']['1']
+    assert (d['wins'], d['pairs'], c['wins']) == (5, 8, 6)                       # 0.6 * 8 = 4.8 -> 5; 0.75 * 8 = 6
+    assert (d['low'], d['high']) == pytest.approx(proportion_confint(5, 8, method='wilson'), abs=1e-12)
+    assert d['p_vs_half'] == pytest.approx(binomtest(5, 8).pvalue) and c['p_vs_half'] == pytest.approx(binomtest(6, 8).pvalue)
+    assert d['p_vs_reference'] == pytest.approx(fisher_exact([[5, 3], [6, 2]]).pvalue) and c['p_vs_reference'] is None
+    assert 0 < d['mdd_vs_half'] < d['mdd_vs_reference'] < 1
+    text = C.reward_accuracy_text(C.compare_tables(root))
+    assert 'dpo        1     5/8' in text and 'Fisher p against cream-avg' in text
+
+def test_half_counts_round_towards_the_null():
+    "A tie counts half a win; a half count is rounded towards n/2, so the test against 50% is never helped by the rounding."
+    assert [C._wins(0.625, 4), C._wins(0.875, 4), C._wins(0.1, 5), C._wins(0.9, 5)] == [2, 3, 1, 4]   # 2.5, 3.5, 0.5, 4.5
+    assert [C._wins(1.0, 18), C._wins(0.6, 8), C._wins(0.3, 8)] == [18, 5, 2]                          # whole or other counts: nearest
+
+def test_mcnemar_per_task_and_mdd(hand):
+    root, qs, truth, _ = hand
+    tab = C.compare_tables(root)
+    a, b = np.array(truth['dpo']), np.array(truth['cream-avg'])
+    got = tab['paired_tests']['dpo']['vs_reference']
+    for t in ('arc_easy', 'gsm8k'):
+        i = np.array([q[0] == t for q in qs]); x, y = a[i], b[i]
+        table = [[int((x & y).sum()), int((x & ~y).sum())], [int((~x & y).sum()), int((~x & ~y).sum())]]
+        g = got['tasks'][t]
+        assert (g['n'], g['a_only'], g['b_only']) == (12, table[0][1], table[1][0])
+        assert g['p_value'] == pytest.approx(mcnemar(table, exact=True).pvalue, abs=1e-12)
+    psi = (got['a_only'] + got['b_only']) / got['n']
+    from cream_nb.stats import connor_n
+    if got['mdd'] is None: assert connor_n(psi, psi) > 24          # even delta = psi would need more than 24 questions
+    else: assert connor_n(got['mdd'], psi) == pytest.approx(24)    # Connor's n at the reported MDD is the study's n
+    assert 'arc_easy' in C.tests_text(tab) and 'Connor 1987' in C.tests_text(tab)
+
+def test_judge_parse_rate(tmp_path):
+    write_json({'n': 40, 'parsed': 30, 'unparseable': 10, 'mean_score': 3.1}, tmp_path/'iter1'/'judge_stats.json')
+    write_json({'n': 0, 'parsed': 0, 'unparseable': 0}, tmp_path/'iter2'/'judge_stats.json')
+    j = C.judge_table(tmp_path)
+    assert j[1]['parse_rate'] == 0.75 and (j[1]['low'], j[1]['high']) == pytest.approx(proportion_confint(30, 40, method='wilson'), abs=1e-12)
+    assert j[2]['parse_rate'] is None
+    assert '30/40' in C.judge_text({'judge': {'srlm': j}}) and C.judge_text({'judge': {'dpo': {}}}) == ''
+
+def test_statistics_from_the_committed_comparison():
+    "cpu-demo.json stores no per-prompt values: the permutation p and bootstrap interval are None, the MDDs are computed from SD, n and counts."
+    from statsmodels.stats.power import TTestIndPower
+    tab = json.loads((Path(__file__).parents[1]/'data'/'compare'/'cpu-demo.json').read_text())['tables']
+    st = C.table_statistics(tab)
+    k, r = tab['consistency']['dpo']['2']['kendall'], tab['consistency']['cream-avg']['2']['kendall']
+    s = st['consistency']['dpo']['2']['kendall']
+    assert s['p_value'] is None and s['difference'] == pytest.approx(k['mean'] - r['mean'])
+    sd = lambda c: c['std'] * math.sqrt(c['n'] / (c['n'] - 1))
+    sp = math.sqrt((sd(k)**2 + sd(r)**2) / 2)
+    assert s['mdd'] == pytest.approx(sp * TTestIndPower().solve_power(nobs1=16, ratio=1, alpha=0.05, power=0.8), rel=1e-4)
+    assert st['paired_mdd']['dpo']['vs_reference'] is None           # 3 of 100 discordant
+    text = C.compare_text(tab)
+    assert 'Consistency against cream-avg' in text and 'mdd >3' in text and 'Self-reward accuracy vs gold' in text
+    main, against = C.consistency_text(tab).split('\n\n')                # the note stays with the table it explains
+    assert main.endswith('M_t is M_{t-1} unchanged, trained on no pairs') and against.startswith('Consistency against cream-avg')
+    assert len(C.consistency_distribution_figure(tab).data) == 0 and len(C.compare_figures(tab)) == 3
