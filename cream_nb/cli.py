@@ -122,6 +122,10 @@ def summary_table(summary:dict) -> str:
     fmt = lambda l: '  '.join(str(c).ljust(w[i]) for i, c in enumerate(l))
     protos = sorted({r[1].get('protocol', 'generate') for r in rows if r[1].get('accuracy')})
     note = [f"accuracy [95% Wilson interval]; eval protocol: {', '.join(protos)}"] if protos else []
+    for it in summary['iterations']:   # the judge's parse rate, where the method judged (judge_stats.json)
+        j = it.get('judge')
+        if j and j.get('n'): note.append(f"judge, iter {it['iteration']}: {j['scoring']} scoring, {j['parsed']}/{j['n']} judgements parsed "
+                                         f"({j['parsed'] / j['n']:.0%})" + ('' if j['parsed'] else ': no score to rank by, so no pairs'))
     return '\n'.join([fmt(lines[0]), '  '.join('-'*x for x in w)] + [fmt(l) for l in lines[1:]] + note)
 
 # %% ../nbs/12_cli.ipynb #f43cd5b4

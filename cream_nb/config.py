@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['TASKS', 'EVAL_PROTOCOLS', 'PRESETS', 'PRESET_HELP', 'ConfigError', 'ModelConfig', 'DataConfig', 'SFTConfig',
-           'SamplingConfig', 'RewardConfig', 'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig',
+__all__ = ['TASKS', 'JUDGE_SCORINGS', 'EVAL_PROTOCOLS', 'PRESETS', 'PRESET_HELP', 'ConfigError', 'ModelConfig', 'DataConfig',
+           'SFTConfig', 'SamplingConfig', 'RewardConfig', 'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig',
            'CreamConfig', 'config_from_dict', 'save_config', 'load_config', 'preset', 'apply_overrides', 'describe',
            'METHODS']
 
@@ -123,17 +123,23 @@ class SamplingConfig:
         _choice('sampling', 'engine_dtype', self.engine_dtype, ('auto', 'float32', 'bfloat16', 'float16'))
         _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, 'sampling', 'tensor_parallel_size', self.tensor_parallel_size, "an integer >= 1")
 
-# %% ../nbs/00_config.ipynb #eff920cf
+# %% ../nbs/00_config.ipynb #c137edc7
+JUDGE_SCORINGS = ('generate', 'expected')
+
 @dataclass
 class RewardConfig:
     "Scoring responses: sequence log-probs, the judge prompt, the oracle."
     batch_size: int = _f(8, "sequences per forward pass when scoring")
     judge_max_new_tokens: int = _f(256, "length of an LLM-as-a-judge evaluation (SRLM baseline)")
     length_control: str = _f('off', "'off', or 'dice': implicit rewards minus alpha * response tokens, alpha balancing the mean lengths of chosen and rejected (DICE; methods cream, dpo)")
+    judge_scoring: str = _f('generate', "how the SRLM judge scores: 'generate' (paper, Yuan et al. 2024: write a judgement, parse "
+                            "'Score: k'; unparseable is missing) or 'expected' (one forward pass up to 'Score: ', sum k p(k) over "
+                            "the tokens 0..5 renormalised; always defined, for small models)")
     def __post_init__(self):
         from cream_nb.methods import LENGTH_CONTROLS   # imported here: the methods module imports this one
         _check(self.batch_size >= 1, 'reward', 'batch_size', self.batch_size, "an integer >= 1")
         _check(self.judge_max_new_tokens >= 1, 'reward', 'judge_max_new_tokens', self.judge_max_new_tokens, "an integer >= 1")
+        _choice('reward', 'judge_scoring', self.judge_scoring, JUDGE_SCORINGS)
         _choice('reward', 'length_control', self.length_control, tuple(LENGTH_CONTROLS))
 
 # %% ../nbs/00_config.ipynb #1df34373
@@ -288,7 +294,7 @@ def load_config(path) -> CreamConfig:
     if not isinstance(d, dict): raise ConfigError(f"config file {path} must hold a JSON object, not {type(d).__name__}")
     return config_from_dict(d)
 
-# %% ../nbs/00_config.ipynb #7c0db6b7
+# %% ../nbs/00_config.ipynb #3ee2d541
 # The paper's settings (Wang et al. 2025 and its code, Raibows/CREAM config.py): all weights trained (its LoRA switch is
 # off by default), SFT 3 epochs at 1e-6, DPO 1 epoch at 1e-6 with beta 0.1 and warmup 0.1, cosine schedules, sequences
 # up to 2048 tokens, sampling and evaluation up to 768 new tokens (GenSamplingConfig.gen_max_tokens), 8 GPUs x 4.
@@ -328,7 +334,7 @@ PRESETS = {
         data=dict(source='offline', seed_size=24, prompts_per_iteration=16),
         sft=dict(epochs=1, learning_rate=3e-4, batch_size=8, warmup_ratio=0.0, max_length=256),
         sampling=dict(n_responses=4, max_new_tokens=48, batch_size=16),
-        reward=dict(batch_size=16, judge_max_new_tokens=48),
+        reward=dict(batch_size=16, judge_max_new_tokens=48, judge_scoring='expected'),   # SmolLM2-135M rarely writes 'Score: k'
         dpo=dict(learning_rate=5e-4, batch_size=4, warmup_ratio=0.0, max_length=256),
         eval=dict(limit=20, max_new_tokens=64, batch_size=25, protocol='loglik'),
         loop=dict(iterations=2)),
@@ -348,7 +354,8 @@ PRESET_HELP = {
                  "Departs from the paper: LoRA r16 adapters, SFT lr 3e-4 and DPO lr 5e-4 (rates for a small adapter), no warmup "
                  "(3-4 steps per stage), 24 seed examples, 16 prompts per iteration, 4 responses of <= 48 tokens, 20 questions per task "
                  "with multiple choice scored by option log-likelihood (eval.protocol='loglik', lm-evaluation-harness's acc; "
-                 "the paper generates an answer and extracts it; GSM8K stays generative)."),
+                 "the paper generates an answer and extracts it; GSM8K stays generative); the SRLM judge reads the expected score from "
+                 "the next-token probabilities of 0..5 after 'Score: ' (reward.judge_scoring='expected'; the paper generates a judgement)."),
     'paper-llama3': "the paper's Llama-3-8B-Instruct settings, full fine-tuning on 8 GPUs. " + _PAPER_DEPARTS,
     'paper-llama2': "the paper's Llama-2-7b-chat settings, full fine-tuning on 8 GPUs. " + _PAPER_DEPARTS,
     'paper-llama3-qlora': ("paper-llama3 on one GPU: a 4-bit base with LoRA r32/alpha64 adapters (the paper code's LoRA shape, off there), "

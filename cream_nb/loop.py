@@ -138,7 +138,7 @@ def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable
         barrier()   # no process reads this stage's outputs before they are complete
     return result
 
-# %% ../nbs/10_loop.ipynb #d6510764
+# %% ../nbs/10_loop.ipynb #8e06d1d4
 def _as_config(config) -> CreamConfig:
     if isinstance(config, CreamConfig): return config
     if isinstance(config, dict): return config_from_dict(config)
@@ -148,7 +148,8 @@ def _as_config(config) -> CreamConfig:
 
 NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the value that behaves as before the field existed
                     'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None,
-                    'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto', 'sampling.tensor_parallel_size': 1}
+                    'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto', 'sampling.tensor_parallel_size': 1,
+                    'reward.judge_scoring': 'generate'}
 UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps'}   # how often a stage checkpoints changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:
@@ -647,7 +648,7 @@ def pairs(self:Iteration):
     return self._stage('pairs', fingerprint('pairs', self.fp('consistency')), {}, [self.dir/'pairs', self.dir/'pairs_stats.json'],
                        make, self.pairs_dataset)
 
-# %% ../nbs/10_loop.ipynb #2519f0bf
+# %% ../nbs/10_loop.ipynb #fc2b3a68
 @patch
 def train(self:Iteration) -> dict:
     "Consistency-regularised DPO: M_t -> M_{t+1}, with M_t as the reference (its log-probs come from the pairs)."
@@ -661,8 +662,14 @@ def train(self:Iteration) -> dict:
         if self.run.lora: model = self.run._fresh_adapter(self.m_next, self.m_t)
         else: model = load_model(str(self.run.registry.path(self.m_t)))[0]
         if len(pairs) == 0:
-            why = (f"iteration {self.t} has no preference pairs (see {self.dir/'pairs_stats.json'}), so {self.m_next} "
-                   f"is a copy of {self.m_t}; more prompts (data.prompts_per_iteration) or responses (sampling.n_responses) help")
+            js = read_json(self.dir/'judge_stats.json') if (self.dir/'judge_stats.json').exists() else {}
+            if js.get('n') and not js.get('parsed'):   # a generating judge wrote no score: more prompts would not help
+                why = (f"iteration {self.t} has no preference pairs because the judge wrote no parsable score in any of its {js['n']} "
+                       f"judgements (see {self.dir/'judge_stats.json'}), so {self.m_next} is a copy of {self.m_t}; "
+                       "reward.judge_scoring='expected' reads the score from the judge's next-token probabilities instead")
+            else:
+                why = (f"iteration {self.t} has no preference pairs (see {self.dir/'pairs_stats.json'}), so {self.m_next} "
+                       f"is a copy of {self.m_t}; more prompts (data.prompts_per_iteration) or responses (sampling.n_responses) help")
             log.warning(why)
             save_model(model, out, name=self.m_next if self.run.lora else None, tokenizer=self.run.tokenizer)
             metrics = {'steps': 0, 'pairs': 0, 'skipped': why}
@@ -715,7 +722,7 @@ def _lock_or_refuse(self:CreamRun):
         except RunLocked as e: err = e
     if (err := from_writer(err)) is not None: raise err
 
-# %% ../nbs/10_loop.ipynb #a7705c3e
+# %% ../nbs/10_loop.ipynb #e66d3666
 STAGES = ('sample', 'score', 'consistency', 'pairs', 'train', 'evaluate')
 
 def _maybe(f, *a):
@@ -731,6 +738,16 @@ def _margins(pairs_dir:Path):
     if ds is None or len(ds) == 0: return None
     m = [c - r for c, r in zip(ds['chosen_reward'], ds['rejected_reward'])]
     return {'mean': statistics.fmean(m), 'std': statistics.pstdev(m), 'values': m}
+
+_JUDGE_KEYS = ('scoring', 'n', 'parsed', 'unparseable', 'parse_rate', 'mean_score', 'sd_score',
+               'digit_mass_mean', 'digit_mass_min', 'prompts', 'prompts_fully_ranked')
+
+def _judge(path:Path):
+    "The judge's parse rate (parsed / n), scoring mode and score spread from judge_stats.json, without the judgements."
+    js = _maybe(read_json, path)
+    if js is None: return None
+    out = {k: js[k] for k in _JUDGE_KEYS if k in js}
+    return {**out, 'scoring': js.get('scoring', 'generate'), 'parse_rate': js['parsed'] / js['n'] if js.get('n') else None}
 
 def run_summary(run_dir) -> dict:
     "Everything a run has produced so far, per iteration: accuracy, consistency, pairs, reward margins, timings."
@@ -755,7 +772,8 @@ def run_summary(run_dir) -> dict:
             'reward_accuracy_previous': (_maybe(read_json, d/'reward_accuracy.json') or {}).get('previous'),
             'dpo': _maybe(read_json, d/'dpo_metrics.json'),
             'timings': {s: _seconds(d/f'_stage_{s}.json') for s in STAGES},
-            'done': [s for s in STAGES if (d/f'_stage_{s}.json').exists()]})
+            'done': [s for s in STAGES if (d/f'_stage_{s}.json').exists()],
+            **({'judge': _judge(d/'judge_stats.json')} if (d/'judge_stats.json').exists() else {})})
     return out
 
 @patch

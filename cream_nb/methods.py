@@ -103,7 +103,7 @@ def _current_only(cur:dict, samples:list) -> list:
     return [{'prompt_id': s['prompt_id'], 'current': cur.get(s['prompt_id']), 'previous': None} for s in samples]
 
 def judge_scores(ctx:ScoreContext) -> list:
-    "M_t grades each of its responses with the 5-point LLM-as-a-judge prompt (SRLM); `judge_stats.json` keeps the judgements."
+    "M_t grades each of its responses with the 5-point LLM-as-a-judge prompt (SRLM), by `reward.judge_scoring`; `judge_stats.json` keeps the judgements and the parse rate."
     from cream_nb.rewards import judge_rewards
     with ctx.model(f'm{ctx.t}') as m:
         cur, stats = judge_rewards(m, ctx.tokenizer, ctx.prompts, ctx.samples, ctx.cfg, progress=ctx.progress,

@@ -16,10 +16,10 @@ from .processes import shared_batches, my_share, is_writer
 from .sampling import chat_prompt_ids, sample_responses, _prompt_rows
 
 # %% auto #0
-__all__ = ['JUDGE_TEMPLATE', 'build_sequence', 'selective_log_softmax', 'sequence_logps', 'implicit_reward',
+__all__ = ['JUDGE_TEMPLATE', 'JUDGE_SCORE_PREFIX', 'build_sequence', 'selective_log_softmax', 'sequence_logps', 'implicit_reward',
            'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts', 'paper_m0_scores', 'score_samples',
            'scored_models', 'iteration_logps', 'iteration_rewards', 'judge_prompt', 'parse_judge_score',
-           'judge_rewards', 'oracle_rewards']
+           'judge_rewards', 'judge_score_tokens', 'judge_score_sequence', 'judge_expected_scores', 'oracle_rewards']
 
 # %% ../nbs/05_rewards.ipynb #04c93402
 def build_sequence(
@@ -311,7 +311,7 @@ def parse_judge_score(
     k = float(found[-1])
     return k if 0 <= k <= 5 else None
 
-# %% ../nbs/05_rewards.ipynb #18ad735a
+# %% ../nbs/05_rewards.ipynb #4e1ab9a7
 def _question(messages:list) -> str:
     "The last user turn of a prompt."
     users = [m['content'] for m in messages if m.get('role') == 'user']
@@ -330,6 +330,7 @@ def judge_rewards(
     "LLM-as-a-judge scores (0..5) of every response; unparseable judgements are None and counted."
     from cream_nb.config import SamplingConfig
     rc, dt = getattr(cfg, 'reward', cfg), getattr(getattr(cfg, 'sampling', None), 'engine_dtype', 'auto')
+    if rc.judge_scoring == 'expected': return judge_expected_scores(model, tokenizer, prompts, samples, rc.batch_size, progress)
     msgs, resps, keys = _pairs(prompts, samples)
     recs = [{'id': f'{pid}#{j}', 'messages': [{'role': 'user', 'content': judge_prompt(_question(m), r)}]}
             for m, r, (pid, j) in zip(msgs, resps, keys)]
@@ -339,9 +340,77 @@ def judge_rewards(
     scores = {s['prompt_id']: [] for s in samples}; judgements = {s['prompt_id']: [] for s in samples}
     for (pid, _), t in zip(keys, texts): scores[pid].append(parse_judge_score(t)); judgements[pid].append(t)
     got = [x for v in scores.values() for x in v if x is not None]
-    stats = dict(n=len(texts), parsed=len(got), unparseable=len(texts) - len(got), mean_score=sum(got) / len(got) if got else None,
+    stats = dict(scoring='generate', n=len(texts), parsed=len(got), unparseable=len(texts) - len(got),
+                 parse_rate=len(got) / len(texts) if texts else None, mean_score=sum(got) / len(got) if got else None,
                  histogram={str(k): sum(x == k for x in got) for k in range(6)}, judgements=judgements)
     return scores, stats
+
+# %% ../nbs/05_rewards.ipynb #38a1a266
+JUDGE_SCORE_PREFIX = 'Score: '
+
+def judge_score_tokens(
+    tokenizer, # the judge's tokenizer
+    prefix:str=JUDGE_SCORE_PREFIX, # the assistant text written before the score
+)->tuple: # (prefix_ids: list[int], digit_ids: list[int] of the 6 tokens of 0..5)
+    "Token ids of the assistant prefix and of the single tokens that write the scores 0..5 after it."
+    full = [tokenizer(f'{prefix}{k}', add_special_tokens=False)['input_ids'] for k in range(6)]
+    head = full[0][:-1]
+    for k, ids in enumerate(full):
+        if ids[:-1] != head: raise ValueError(f"{prefix!r} + {k!r} tokenizes as {ids}, not the prefix {head} + one token: "
+                                              "the expected score needs each digit to be one token after the same prefix")
+    return head, [ids[-1] for ids in full]
+
+# %% ../nbs/05_rewards.ipynb #b29106bb
+def judge_score_sequence(
+    tokenizer, # the judge's chat tokenizer
+    messages:list, # the prompt the response answers
+    response:str, # the response to grade
+    prefix_ids:list, # the assistant prefix (`judge_score_tokens`)
+)->list: # token ids whose next token is the score
+    "Chat-templated judge prompt for one response, followed by the assistant prefix up to the score."
+    return chat_prompt_ids(tokenizer, [{'role': 'user', 'content': judge_prompt(_question(messages), response)}]) + list(prefix_ids)
+
+def _batch_score_probs(model, tokenizer, seqs:list, digit_ids:list, keep:bool) -> torch.Tensor:
+    "(batch, 6) probabilities of the digit tokens at the last position of each sequence (softmax over the whole vocabulary)."
+    enc = tokenizer.pad({'input_ids': seqs}, padding_side='left', return_tensors='pt').to(model.device)
+    pos = (enc['attention_mask'].cumsum(-1) - 1).clamp(min=0)
+    extra = {'logits_to_keep': 1} if keep else {}
+    logits = model(**enc, position_ids=pos, use_cache=False, **extra).logits[:, -1]
+    return logits.float().softmax(-1)[:, digit_ids].double().cpu()
+
+# %% ../nbs/05_rewards.ipynb #a9cc0ea4
+def _expected_stats(scores:dict, mass:list, judgements:dict) -> dict:
+    "Stats of expected scores in the keys generate mode writes, plus digit mass, spread and fully ranked prompts."
+    import numpy as np
+    v = np.array([x for xs in scores.values() for x in xs], dtype=float)
+    return dict(scoring='expected', n=len(v), parsed=len(v), unparseable=0, parse_rate=1.0 if len(v) else None,
+                mean_score=float(v.mean()) if len(v) else None, sd_score=float(v.std()) if len(v) else None,
+                histogram={str(k): int((np.rint(v) == k).sum()) for k in range(6)},
+                digit_mass_mean=float(np.mean(mass)) if mass else None, digit_mass_min=float(np.min(mass)) if mass else None,
+                prompts=len(scores), prompts_fully_ranked=sum(len(set(xs)) == len(xs) > 1 for xs in scores.values()),
+                judgements=judgements)
+
+def judge_expected_scores(
+    model, tokenizer, # the judge (M_t for SRLM) and its tokenizer
+    prompts, # Dataset or list of prompt records
+    samples:list, # sample records {"prompt_id", "responses"}
+    batch_size:int=8, # judge prompts per forward pass
+    progress:bool=False, # tqdm bar over batches
+)->tuple: # ({prompt_id: [float]*N} expected scores in [0, 5], stats as judge_rewards writes them)
+    "Expected judge score sum_k k p(k) of every response, p renormalised over the tokens 0..5 after 'Score: '."
+    msgs, resps, keys = _pairs(prompts, samples)
+    pre, digits = judge_score_tokens(tokenizer)
+    seqs = [judge_score_sequence(tokenizer, m, r, pre) for m, r in zip(msgs, resps)]
+    order, probs = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i)), torch.zeros(len(seqs), 6, dtype=torch.float64)
+    keep = _accepts_logits_to_keep(model)
+    with torch.inference_mode():
+        for s in tqdm(range(0, len(order), batch_size), desc='judge', disable=not progress):
+            idx = order[s:s+batch_size]
+            probs[idx] = _batch_score_probs(model, tokenizer, [seqs[i] for i in idx], digits, keep)
+    mass = probs.sum(-1); p = probs / mass[:, None]; e = p @ torch.arange(6, dtype=torch.float64)
+    scores = {s['prompt_id']: [] for s in samples}; judgements = {s['prompt_id']: [] for s in samples}
+    for (pid, _), x, row in zip(keys, e.tolist(), p.tolist()): scores[pid].append(x); judgements[pid].append(row)
+    return scores, _expected_stats(scores, mass.tolist(), judgements)
 
 # %% ../nbs/05_rewards.ipynb #06f3cb43
 def oracle_rewards(

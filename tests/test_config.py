@@ -48,6 +48,7 @@ def test_preset_models():
     ('consistency.mode="max"', "consistency.mode = 'max' is invalid: allowed one of 'avg', 'dyn'"),
     ('loop.method="ppo"', "loop.method = 'ppo' is invalid: allowed one of 'cream', 'srlm', 'dpo', 'oracle'"),
     ('loop.iterations=0', 'loop.iterations = 0 is invalid'),
+    ('reward.judge_scoring="sample"', "reward.judge_scoring = 'sample' is invalid: allowed one of 'generate', 'expected'"),
     ('eval.tasks=["mmlu"]', "eval.tasks = 'mmlu' is invalid"),
     ('model.finetune="adapter"', "model.finetune = 'adapter' is invalid: allowed one of 'lora', 'full'"),
     ('model.quantization="2bit"', "model.quantization = '2bit' is invalid"),
@@ -89,3 +90,11 @@ def test_partial_json_takes_defaults(tmp_path):
 def test_every_field_has_help():
     lines = describe().splitlines()
     assert len(lines) > 40 and all('  # ' in l and not l.endswith('# ') for l in lines)
+
+
+def test_judge_scoring_per_preset():
+    "cpu-demo reads the expected score (a 135M judge rarely writes 'Score: k'); the paper presets generate, as Yuan et al.; tiny too."
+    assert preset('cpu-demo').reward.judge_scoring == 'expected'
+    for name in ('tiny', 'paper-llama3', 'paper-llama2', 'paper-llama3-qlora', 'paper-llama2-qlora'):
+        assert preset(name).reward.judge_scoring == 'generate', name
+    assert apply_overrides(preset('tiny'), ['reward.judge_scoring=expected']).reward.judge_scoring == 'expected'

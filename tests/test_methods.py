@@ -253,3 +253,34 @@ def test_each_method_runs_one_iteration(tiny_run, tmp_path, case):
             assert row['previous'] == pytest.approx([r - rep['previous']['alpha'] * l for r, l in zip(prev, L)])
         assert rep['current']['alpha'] >= 0 and rep['current']['after']['pairs'] == it['pairs']['pairs']
         assert rep['current']['after']['chosen_tokens'] == pytest.approx(it['pairs']['mean_chosen_tokens'])
+
+
+# ---- the SRLM judge on the tiny model: expected scores train, an unparseable judge is named -----------------
+def test_srlm_with_expected_scores_trains_on_pairs_in_every_iteration(tiny_run, tmp_path):
+    "The random tiny model writes no 'Score: k', but its expected score ranks the responses: pairs in both iterations."
+    from cream_nb.loop import CreamRun
+    d = tmp_path/'srlm-expected'
+    _copy_sft(tiny_run[0], d)
+    cfg = apply_overrides(preset('tiny'), ['loop.method="srlm"', 'reward.judge_scoring="expected"'])
+    s = CreamRun(cfg, d, progress=False).run()
+    assert [it['iteration'] for it in s['iterations']] == [1, 2]
+    for it in s['iterations']:
+        assert it['pairs']['pairs'] > 0 and it['dpo']['steps'] >= 1, it
+        assert (it['judge']['scoring'], it['judge']['parsed'], it['judge']['n'], it['judge']['parse_rate']) == ('expected', 32, 32, 1.0)
+        assert 0 < it['judge']['digit_mass_min'] <= it['judge']['digit_mass_mean'] <= 1
+        rw = read_jsonl(d/f"iter{it['iteration']}"/'rewards.jsonl')
+        assert all(0 <= x <= 5 for r in rw for x in r['current']) and all(r['previous'] is None for r in rw)
+    assert 'judgements' not in s['iterations'][0]['judge']
+
+
+def test_srlm_advice_names_the_judge_when_nothing_parses(tiny_run, tmp_path):
+    "With the paper's generating judge the tiny model parses nothing: the summary shows parse rate 0 and the advice names the judge."
+    from cream_nb.loop import CreamRun
+    d = tmp_path/'srlm-generate'
+    _copy_sft(tiny_run[0], d)
+    cfg = apply_overrides(preset('tiny'), ['loop.method="srlm"', 'loop.iterations=1'])
+    it = CreamRun(cfg, d, progress=False).run()['iterations'][0]
+    assert (it['judge']['scoring'], it['judge']['parsed'], it['judge']['n'], it['judge']['parse_rate']) == ('generate', 0, 32, 0.0)
+    assert it['pairs']['pairs'] == 0 and it['dpo']['steps'] == 0
+    assert 'judge wrote no parsable score in any of its 32 judgements' in it['dpo']['skipped']
+    assert "reward.judge_scoring='expected'" in it['dpo']['skipped'] and 'more prompts' not in it['dpo']['skipped']

@@ -1,5 +1,6 @@
 "Rewards: log-probs against the naive computation, forward passes per iteration, caching, the judge and the oracle."
 import math
+import numpy as np
 from pathlib import Path
 import pytest, torch
 from hypothesis import given, settings, strategies as st
@@ -198,6 +199,57 @@ def test_judge_rewards_on_the_tiny_model(tiny):
     assert [len(v) for v in scores.values()] == [3, 3] and stats['n'] == 6
     assert stats['parsed'] + stats['unparseable'] == 6
     assert all(len(t) for v in stats['judgements'].values() for t in v)
+
+def test_judge_score_tokens_follow_the_tokenizer(tiny):
+    _, tok = tiny
+    pre, digits = R.judge_score_tokens(tok)
+    assert tok.convert_ids_to_tokens(pre) == ['Score', ':', 'Ġ'] and [tok.decode([d]) for d in digits] == list('012345')
+    for k in range(6): assert tok(f'Score: {k}', add_special_tokens=False)['input_ids'] == pre + [digits[k]]
+    merged = lambda text, add_special_tokens=False: {'input_ids': [7, 8] + ([99] if text.endswith('3') else [9, ord(text[-1])])}
+    with pytest.raises(ValueError, match=r"'Score: ' \+ 3 tokenizes as \[7, 8, 99\], not the prefix \[7, 8, 9\] \+ one token"):
+        R.judge_score_tokens(merged)
+
+def hand_expected(model, tok, messages, response):
+    "One unpadded forward pass: softmax over the vocabulary after 'Score: ', digits renormalised, sum k p(k) in numpy."
+    import numpy as np
+    judge = [{'role': 'user', 'content': R.judge_prompt(messages[-1]['content'], response)}]
+    ids = tok.apply_chat_template(judge, add_generation_prompt=True, tokenize=False) + 'Score: '
+    x = torch.tensor([tok(ids, add_special_tokens=False)['input_ids']])
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(6)]
+    with torch.no_grad(): p = model(x).logits[0, -1].double().softmax(-1).numpy()
+    q = p[digits]
+    return float((np.arange(6) * q).sum() / q.sum()), float(q.sum()), list(q / q.sum())
+
+def test_expected_judge_score_against_a_hand_computation(tiny):
+    model, tok = tiny
+    cfg = RewardConfig(batch_size=4, judge_scoring='expected')
+    scores, stats = R.judge_rewards(model, tok, PROMPTS, SAMPLES, cfg, progress=False)
+    by_id = {p['id']: p['messages'] for p in PROMPTS}
+    want = {s['prompt_id']: [hand_expected(model, tok, by_id[s['prompt_id']], r) for r in s['responses']] for s in SAMPLES}
+    for pid, xs in want.items():
+        assert scores[pid] == pytest.approx([e for e, _, _ in xs], abs=1e-5)
+        for row, (_, _, q) in zip(stats['judgements'][pid], xs): assert row == pytest.approx(q, abs=1e-6)   # p(0..5), renormalised
+    mass = [m for xs in want.values() for _, m, _ in xs]
+    assert (stats['scoring'], stats['n'], stats['parsed'], stats['unparseable'], stats['parse_rate']) == ('expected', 12, 12, 0, 1.0)
+    assert stats['digit_mass_mean'] == pytest.approx(np.mean(mass), abs=1e-6) and stats['digit_mass_min'] == pytest.approx(min(mass), abs=1e-6)
+    flat = [e for xs in want.values() for e, _, _ in xs]
+    assert stats['mean_score'] == pytest.approx(np.mean(flat), abs=1e-5) and stats['sd_score'] == pytest.approx(np.std(flat), abs=1e-5)
+    assert stats['prompts'] == 4 and stats['prompts_fully_ranked'] == sum(len(set(v)) == len(v) for v in scores.values())
+    assert stats['histogram'] == {str(k): sum(round(x) == k for x in flat) for k in range(6)}
+
+def test_expected_judge_score_is_deterministic_and_batch_independent(tiny):
+    model, tok = tiny
+    a = R.judge_expected_scores(model, tok, PROMPTS, SAMPLES, batch_size=3)[0]
+    assert R.judge_expected_scores(model, tok, PROMPTS, SAMPLES, batch_size=3)[0] == a   # bit for bit
+    b = R.judge_expected_scores(model, tok, PROMPTS, SAMPLES, batch_size=12)[0]           # other padding, same scores
+    assert all(b[k] == pytest.approx(a[k], abs=1e-5) for k in a)
+
+def test_generate_judge_records_its_parse_rate(tiny, monkeypatch):
+    model, tok = tiny
+    monkeypatch.setattr(R, 'sample_responses', lambda m, t, recs, cfg, **kw:
+                        [{'prompt_id': r['id'], 'responses': ['Score: 2' if i % 4 == 0 else 'no score']} for i, r in enumerate(recs)])
+    _, stats = R.judge_rewards(model, tok, PROMPTS, SAMPLES, RewardConfig(batch_size=3))
+    assert (stats['scoring'], stats['parsed'], stats['n'], stats['parse_rate']) == ('generate', 3, 12, 0.25)
 
 def test_oracle_rewards():
     q = lambda text: [{'role': 'user', 'content': text}]
