@@ -311,7 +311,7 @@ def parse_judge_score(
     k = float(found[-1])
     return k if 0 <= k <= 5 else None
 
-# %% ../nbs/05_rewards.ipynb #4e1ab9a7
+# %% ../nbs/05_rewards.ipynb #d3e096aa
 def _question(messages:list) -> str:
     "The last user turn of a prompt."
     users = [m['content'] for m in messages if m.get('role') == 'user']
@@ -330,7 +330,8 @@ def judge_rewards(
     "LLM-as-a-judge scores (0..5) of every response; unparseable judgements are None and counted."
     from cream_nb.config import SamplingConfig
     rc, dt = getattr(cfg, 'reward', cfg), getattr(getattr(cfg, 'sampling', None), 'engine_dtype', 'auto')
-    if rc.judge_scoring == 'expected': return judge_expected_scores(model, tokenizer, prompts, samples, rc.batch_size, progress)
+    if rc.judge_scoring == 'expected':   # like the engine's generation, shared by the processes of an accelerate launch
+        return judge_expected_scores(model, tokenizer, prompts, samples, rc.batch_size, progress, across_processes=True)
     msgs, resps, keys = _pairs(prompts, samples)
     recs = [{'id': f'{pid}#{j}', 'messages': [{'role': 'user', 'content': judge_prompt(_question(m), r)}]}
             for m, r, (pid, j) in zip(msgs, resps, keys)]
@@ -378,7 +379,7 @@ def _batch_score_probs(model, tokenizer, seqs:list, digit_ids:list, keep:bool) -
     logits = model(**enc, position_ids=pos, use_cache=False, **extra).logits[:, -1]
     return logits.float().softmax(-1)[:, digit_ids].double().cpu()
 
-# %% ../nbs/05_rewards.ipynb #a9cc0ea4
+# %% ../nbs/05_rewards.ipynb #a53a4cbd
 def _expected_stats(scores:dict, mass:list, judgements:dict) -> dict:
     "Stats of expected scores in the keys generate mode writes, plus digit mass, spread and fully ranked prompts."
     import numpy as np
@@ -396,17 +397,22 @@ def judge_expected_scores(
     samples:list, # sample records {"prompt_id", "responses"}
     batch_size:int=8, # judge prompts per forward pass
     progress:bool=False, # tqdm bar over batches
+    across_processes:bool=False, # under accelerate launch: each process scores every world-th batch (`sequence_logps`)
 )->tuple: # ({prompt_id: [float]*N} expected scores in [0, 5], stats as judge_rewards writes them)
     "Expected judge score sum_k k p(k) of every response, p renormalised over the tokens 0..5 after 'Score: '."
     msgs, resps, keys = _pairs(prompts, samples)
     pre, digits = judge_score_tokens(tokenizer)
     seqs = [judge_score_sequence(tokenizer, m, r, pre) for m, r in zip(msgs, resps)]
     order, probs = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i)), torch.zeros(len(seqs), 6, dtype=torch.float64)
-    keep = _accepts_logits_to_keep(model)
+    keep, batches = _accepts_logits_to_keep(model), [order[s:s+batch_size] for s in range(0, len(order), batch_size)]
+    bar = tqdm(total=len(my_share(len(batches))) if across_processes else len(batches), desc='judge', disable=not (progress and is_writer()))
+    def judge(idx):
+        bar.update(1)
+        return _batch_score_probs(model, tokenizer, [seqs[i] for i in idx], digits, keep).tolist()
     with torch.inference_mode():
-        for s in tqdm(range(0, len(order), batch_size), desc='judge', disable=not progress):
-            idx = order[s:s+batch_size]
-            probs[idx] = _batch_score_probs(model, tokenizer, [seqs[i] for i in idx], digits, keep)
+        done = shared_batches(batches, judge) if across_processes else [(b, judge(idx)) for b, idx in enumerate(batches)]
+    bar.close()
+    for b, rows in done: probs[batches[b]] = torch.tensor(rows, dtype=torch.float64)
     mass = probs.sum(-1); p = probs / mass[:, None]; e = p @ torch.arange(6, dtype=torch.float64)
     scores = {s['prompt_id']: [] for s in samples}; judgements = {s['prompt_id']: [] for s in samples}
     for (pid, _), x, row in zip(keys, e.tolist(), p.tolist()): scores[pid].append(x); judgements[pid].append(row)

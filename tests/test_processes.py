@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 DDP = ROOT/'configs'/'accelerate'/'ddp.yaml'
 # 16 seed examples: 2 SFT steps of 2 x 4; 8 pairs: 4 DPO steps of 2 x 1; a checkpoint every step (a kill point)
 TWO = ['--set', 'sft.batch_size=4', '--set', 'dpo.batch_size=1', '--set', 'model.lora_dropout=0',
-       '--set', 'sft.save_steps=1', '--set', 'dpo.save_steps=1']
+       '--set', 'sft.save_steps=1', '--set', 'dpo.save_steps=1', '--set', 'reward.judge_scoring="expected"']
 ONE = TWO + ['--set', 'sft.grad_accum=2', '--set', 'dpo.grad_accum=2']   # the same global batches in one process
 COMPARED = ['samples.jsonl', 'logps_m0.jsonl', 'logps_m1.jsonl', 'rewards.jsonl', 'consistency.json', 'pairs_stats.json']
 
@@ -163,7 +163,7 @@ def test_zero3_with_lora_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')
     assert launch_problem(preset('tiny')) is None
 
-COMPARE_METHODS = ['m1', 'dpo', 'cream-avg', 'oracle']
+COMPARE_METHODS = ['m1', 'dpo', 'cream-avg', 'oracle', 'srlm']   # srlm: the expected judge, shared by the processes
 
 def test_two_process_compare_equals_one_process_compare(tmp_path):
     base = ['compare', '--preset', 'tiny', '--quiet', '--methods', *COMPARE_METHODS]
