@@ -166,7 +166,7 @@ class DPOConfig:
         _check(self.beta > 0, 'dpo', 'beta', self.beta, "a number > 0")
         _check_training('dpo', self)
 
-# %% ../nbs/00_config.ipynb #de8287f8
+# %% ../nbs/00_config.ipynb #8192b20a
 EVAL_PROTOCOLS = ('generate', 'loglik')
 
 @dataclass
@@ -178,8 +178,11 @@ class EvalConfig:
     batch_size: int = _f(16, "questions per generation batch")
     protocol: str = _f('generate', "'generate' (paper: greedy answer, 'Answer:' extracted) or 'loglik' (multiple choice by "
                        "option log-likelihood as lm-evaluation-harness scores it, acc and acc_norm; GSM8K stays generative)")
+    loglik_scorer: str = _f('shared', "who scores the options under protocol 'loglik': 'shared' (each question prefilled once for all "
+                            "its options; equal to lm-eval to 1e-4, same picks) or 'lm-eval' (lm-evaluation-harness's HFLM, one row per option)")
     def __post_init__(self):
         for t in self.tasks: _choice('eval', 'tasks', t, TASKS)
+        _choice('eval', 'loglik_scorer', self.loglik_scorer, ('shared', 'lm-eval'))
         _choice('eval', 'protocol', self.protocol, EVAL_PROTOCOLS)
         _check(self.limit is None or self.limit >= 1, 'eval', 'limit', self.limit, "None or an integer >= 1")
         _check(self.max_new_tokens >= 1, 'eval', 'max_new_tokens', self.max_new_tokens, "an integer >= 1")

@@ -14,7 +14,8 @@ import numpy as np
 # %% auto #0
 __all__ = ['MC_LABELS', 'NUMERIC_TASKS', 'EXTRACT_TASKS', 'extract_answer', 'answers_match', 'accuracy_table', 'correctness',
            'reward_accuracy', 'iteration_reward_accuracy', 'accuracy_interval', 'task_metrics', 'metrics_intervals',
-           'greedy_answers', 'generate_predictions', 'harness_tasks', 'loglik_predictions', 'evaluate']
+           'greedy_answers', 'generate_predictions', 'harness_tasks', 'harness_loglik_predictions', 'harness_pair_ids',
+           'shared_loglik_predictions', 'loglik_predictions', 'evaluate']
 
 # %% ../nbs/09_evaluate.ipynb #dbb9ae42
 MC_LABELS = {'arc_easy': list('ABCDE'), 'arc_challenge': list('ABCDE'), 'openbookqa': list('ABCD'),
@@ -362,8 +363,8 @@ def _quiet(progress:bool):
         tqdm.tqdm.__init__ = init
         if was_on: datasets.enable_progress_bars()
 
-# %% ../nbs/09_evaluate.ipynb #a5367f02
-def loglik_predictions(
+# %% ../nbs/09_evaluate.ipynb #01022955
+def harness_loglik_predictions(
     model, tokenizer,
     records:list, # multiple-choice prompt records with gold answers
     cfg, # `EvalConfig`: batch_size
@@ -388,6 +389,67 @@ def loglik_predictions(
                              extracted_norm=doc['labels'][pick_norm], gold=doc['labels'][doc['gold']],
                              correct=bool(s['acc']), correct_norm=bool(s['acc_norm'])))
     return rows
+
+# %% ../nbs/09_evaluate.ipynb #30aeeb3e
+def harness_pair_ids(
+    tokenizer,
+    context:str, # the prompt text, "Question: ...\nAnswer:"
+    continuation:str, # the option as scored, " <option text>"
+)->tuple: # (context ids, continuation ids): what lm-eval's HFLM feeds a causal model for this request
+    "Token ids of a loglikelihood request, split as lm-evaluation-harness 0.4.13 splits them (`_encode_pair`)."
+    if not context: raise ValueError("an empty context is not supported (lm-eval scores it after a BOS/EOS token)")
+    n = len(context) - len(context.rstrip())
+    if n: context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+# %% ../nbs/09_evaluate.ipynb #01aed809
+def _mc_docs(records:list) -> list:
+    "(task, doc) per record, grouped by task in first-seen order: the docs `harness_tasks` writes, in lm-eval's row order."
+    from cream_nb.data import parse_prompt
+    docs = {}
+    for rec in records:
+        q, ch = parse_prompt(rec['messages'][-1]['content'])
+        labels = list(ch)
+        if rec['answer'] not in labels: raise ValueError(f"record {rec['id']!r}: gold answer {rec['answer']!r} is not one of its option labels {labels}")
+        docs.setdefault(rec['task'], []).append(dict(id=rec['id'], question=q, choices=list(ch.values()), labels=labels, gold=labels.index(rec['answer'])))
+    return [(t, d) for t, ds in docs.items() for d in ds]
+
+def _loglik_row(task:str, doc:dict, ll:list) -> dict:
+    "A prediction row from the options' log-likelihoods: acc by argmax, acc_norm by argmax per character (lm-eval's)."
+    pick, pick_norm = int(np.argmax(ll)), int(np.argmax(np.array(ll) / [float(len(c)) for c in doc['choices']]))
+    return dict(task=task, id=doc['id'], question=doc['question'], loglik=ll, extracted=doc['labels'][pick],
+                extracted_norm=doc['labels'][pick_norm], gold=doc['labels'][doc['gold']],
+                correct=pick == doc['gold'], correct_norm=pick_norm == doc['gold'])
+
+# %% ../nbs/09_evaluate.ipynb #ee4a6d50
+def shared_loglik_predictions(
+    model, tokenizer,
+    records:list, # multiple-choice prompt records with gold answers
+    cfg, # `EvalConfig`: batch_size (options per forward pass)
+    progress:bool=True, # a progress bar over batches
+)->list: # rows as `harness_loglik_predictions` gives them, in the same order
+    "Prediction rows of the `loglik` protocol, each question prefilled once for all its options."
+    from cream_nb.rewards import shared_prefix_logps
+    docs = _mc_docs(records)
+    enc = [[harness_pair_ids(tokenizer, f"Question: {d['question']}\nAnswer:", f" {c}") for c in d['choices']] for _, d in docs]
+    for (_, d), e in zip(docs, enc):
+        if any(ctx != e[0][0] for ctx, _ in e): raise ValueError(f"record {d['id']!r}: its options' contexts tokenize differently")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lps = shared_prefix_logps(model, [e[0][0] for e in enc], [[c for _, c in e] for e in enc], pad, cfg.batch_size, progress)
+    return [_loglik_row(t, d, lp.tolist()) for (t, d), lp in zip(docs, lps)]
+
+# %% ../nbs/09_evaluate.ipynb #889a7de4
+def loglik_predictions(
+    model, tokenizer,
+    records:list, # multiple-choice prompt records with gold answers
+    cfg, # `EvalConfig`: batch_size, loglik_scorer ('shared' or 'lm-eval')
+    progress:bool=True, # progress bars
+)->list: # rows {"task", "id", "question", "loglik": [float], "extracted", "extracted_norm", "gold", "correct", "correct_norm"}
+    "Prediction rows of the `loglik` protocol: options scored with one prefill per question, or by lm-evaluation-harness."
+    scorer = getattr(cfg, 'loglik_scorer', 'shared')
+    if scorer not in ('shared', 'lm-eval'): raise ValueError(f"eval.loglik_scorer must be 'shared' or 'lm-eval', got {scorer!r}")
+    return (shared_loglik_predictions if scorer == 'shared' else harness_loglik_predictions)(model, tokenizer, records, cfg, progress)
 
 # %% ../nbs/09_evaluate.ipynb #013c7fad
 def evaluate(

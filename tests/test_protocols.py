@@ -80,11 +80,33 @@ def check_against_hand(model, tok, records, rows):
 def tiny():
     return load_model('tiny')
 
-def test_loglik_tiny_matches_hand_computation(tiny):
+@pytest.mark.parametrize('scorer', ['shared', 'lm-eval'])
+def test_loglik_tiny_matches_hand_computation(tiny, scorer):
     model, tok = tiny
     records = [dict(r) for t in MC for r in load_test_set(t, source='offline', limit=2)]
-    rows = loglik_predictions(model, tok, records, EvalConfig(batch_size=4), progress=False)
+    rows = loglik_predictions(model, tok, records, EvalConfig(batch_size=4, loglik_scorer=scorer), progress=False)
     check_against_hand(model, tok, records, rows)
+
+@pytest.mark.parametrize('bs', [1, 6])
+def test_shared_loglik_equals_lm_eval(tiny, bs):
+    "Each question prefilled once = lm-eval's HFLM: option log-likelihoods to 1e-4, the same acc and acc_norm picks, same row order."
+    model, tok = tiny
+    records = [dict(r) for t in MC for r in load_test_set(t, source='offline', limit=5)]
+    ref = loglik_predictions(model, tok, records, EvalConfig(batch_size=bs, loglik_scorer='lm-eval'), progress=False)
+    own = loglik_predictions(model, tok, records, EvalConfig(batch_size=bs), progress=False)
+    assert [(r['task'], r['id']) for r in own] == [(r['task'], r['id']) for r in ref] and len(own) == 5 * len(MC)
+    assert {len(r['loglik']) for r in own} >= {3, 4}                        # SIQA's 3 options and the others' 4
+    for o, r in zip(own, ref):
+        assert np.abs(np.array(o['loglik']) - r['loglik']).max() < 1e-4, o['id']
+        assert {k: o[k] for k in o if k != 'loglik'} == {k: r[k] for k in r if k != 'loglik'}
+    assert any(r['extracted'] != r['extracted_norm'] for r in own)           # acc_norm's per-character division matters here
+
+def test_loglik_scorer_is_checked():
+    from cream_nb.evaluate import loglik_predictions as lp
+    with pytest.raises(ConfigError, match=r"eval.loglik_scorer = 'vllm' is invalid: allowed one of 'shared', 'lm-eval'"):
+        EvalConfig(loglik_scorer='vllm')
+    class Cfg: batch_size, loglik_scorer = 4, 'fast'
+    with pytest.raises(ValueError, match="eval.loglik_scorer must be 'shared' or 'lm-eval', got 'fast'"): lp(None, None, [], Cfg())
 
 def check_run(res, out, protocol, limit):
     "metrics.json and predictions.jsonl of one evaluation agree with each other and with the intervals."
