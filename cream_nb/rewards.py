@@ -15,10 +15,11 @@ from .io import read_jsonl, write_jsonl
 from .sampling import chat_prompt_ids, sample_responses, _prompt_rows
 
 # %% auto #0
-__all__ = ['JUDGE_TEMPLATE', 'build_sequence', 'selective_log_softmax', 'shared_prefix_logps', 'sequence_logps',
-           'implicit_reward', 'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts',
-           'paper_m0_scores', 'score_samples', 'scored_models', 'iteration_logps', 'iteration_rewards', 'judge_prompt',
-           'parse_judge_score', 'judge_rewards', 'oracle_rewards']
+__all__ = ['PRECISIONS', 'BF16_AUTO', 'JUDGE_TEMPLATE', 'build_sequence', 'selective_log_softmax', 'bf16_matmuls',
+           'resolve_precision', 'matmul_precision', 'shared_prefix_logps', 'sequence_logps', 'implicit_reward',
+           'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts', 'paper_m0_scores', 'score_samples',
+           'scored_models', 'iteration_logps', 'iteration_rewards', 'judge_prompt', 'parse_judge_score',
+           'judge_rewards', 'oracle_rewards']
 
 # %% ../nbs/05_rewards.ipynb #04c93402
 def build_sequence(
@@ -47,6 +48,48 @@ def selective_log_softmax(
     lse = torch.stack([torch.logsumexp(row.to(dt), dim=-1) for row in logits])   # one (seq, vocab) row at a time
     return (picked - lse) * mask
 
+# %% ../nbs/05_rewards.ipynb #4311f254
+import contextlib
+PRECISIONS = ('fp32', 'bf16', 'auto')
+BF16_AUTO = {'reward.precision': False, 'eval.precision': False}   # set from bench/precision.py: does bf16 meet the bar?
+
+def bf16_matmuls(device='cpu') -> bool:
+    "Whether `device` has bf16 matrix instructions (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."
+    from cream_nb.engine import cpu_has_bf16
+    dev = torch.device(device)
+    return torch.cuda.is_bf16_supported() if dev.type == 'cuda' else dev.type == 'cpu' and cpu_has_bf16()
+
+def resolve_precision(
+    switch:str, # the config field, e.g. 'eval.precision' (named in errors; keys BF16_AUTO)
+    value:str, # 'fp32', 'bf16' or 'auto'
+    device='cpu', # where the work runs
+)->str: # 'fp32' or 'bf16'
+    "The precision a kind of work runs in: 'auto' is bf16 only where its bench passed and the machine has bf16 matmuls."
+    if value not in PRECISIONS: raise ValueError(f"{switch} must be one of {', '.join(map(repr, PRECISIONS))}, got {value!r}")
+    have = bf16_matmuls(device)
+    if value == 'bf16' and not have:
+        raise RuntimeError(f"{switch}='bf16' needs bf16 matmul instructions (AVX512-BF16/AMX, or a CUDA GPU with bf16), which this machine lacks: set {switch} to 'fp32' or 'auto'")
+    if value == 'auto': return 'bf16' if have and BF16_AUTO.get(switch, False) else 'fp32'
+    return value
+
+# %% ../nbs/05_rewards.ipynb #b0041ce4
+@contextlib.contextmanager
+def matmul_precision(
+    model, # causal LM (or PEFT model)
+    precision:str, # 'fp32' (nothing changes) or 'bf16'
+):
+    "Within the block: bf16 autocast for the model's matmuls, its output layer (logits) in fp32."
+    if precision == 'fp32': yield; return
+    if precision != 'bf16': raise ValueError(f"precision must be 'fp32' or 'bf16' here (resolve 'auto' with resolve_precision), got {precision!r}")
+    head = model.get_output_embeddings()
+    dev, fwd = next(model.parameters()).device.type, head.forward
+    def forward(x):                                                # the output layer out of autocast, on an fp32 input
+        with torch.autocast(dev, enabled=False): return fwd(x.float())
+    head.forward = forward
+    try:
+        with torch.autocast(dev, dtype=torch.bfloat16): yield
+    finally: del head.forward
+
 # %% ../nbs/05_rewards.ipynb #97f28cf1
 from .engine import _left_pad, _cache_kw, _new_cache, _contiguous_head
 
@@ -74,7 +117,7 @@ def _prefix_batch(model, prefixes:list, conts:list, pad_id:int) -> torch.Tensor:
     rest = selective_log_softmax(logits[:, :-1], cids[:, 1:].masked_fill(cmask[:, 1:] == 0, -100))
     return (first.double() + rest.sum(-1, dtype=torch.float64)).cpu()
 
-# %% ../nbs/05_rewards.ipynb #bc36b500
+# %% ../nbs/05_rewards.ipynb #5b93202e
 def shared_prefix_logps(
     model, # causal LM (or PEFT model) in eval mode
     prefixes:Sequence, # G lists of token ids: the shared prefixes (prompts, questions)
@@ -82,6 +125,7 @@ def shared_prefix_logps(
     pad_id:int, # id written in padded positions (never attended to)
     batch_size:int=8, # continuations per forward pass; a batch holds whole groups
     progress:bool=False, # tqdm bar over batches
+    precision:str='fp32', # 'fp32' or 'bf16' (`matmul_precision`: bf16 matmuls, fp32 logits, log-softmax and sums)
 )->list: # G float64 Tensors (n_g,): summed log p(continuation | prefix), in input order
     "Summed log-probability of every continuation given its prefix, each prefix computed once (KV cache shared)."
     if len(prefixes) != len(continuations): raise ValueError(f"{len(prefixes)} prefixes but {len(continuations)} continuation lists: give one list per prefix")
@@ -94,7 +138,7 @@ def shared_prefix_logps(
         cur.append(g)
     if cur: batches.append(cur)
     out = [None] * len(prefixes)
-    with torch.inference_mode():
+    with torch.inference_mode(), matmul_precision(model, precision):
         for b in tqdm(batches, desc='log-probs (shared prefix)', disable=not progress):
             lp = _prefix_batch(model, [list(prefixes[g]) for g in b], [[list(c) for c in continuations[g]] for g in b], pad_id)
             for g, part in zip(b, lp.split([len(continuations[g]) for g in b])): out[g] = part
@@ -113,7 +157,7 @@ def _batch_logps(model, tokenizer, seqs:list, n_prompt:list, keep:bool) -> tuple
     labels = ids[:, -k:].masked_fill(torch.arange(k, device=ids.device) < (k - n_resp)[:, None], -100)
     return selective_log_softmax(logits, labels).sum(-1, dtype=torch.float64).cpu(), n_resp.cpu()
 
-# %% ../nbs/05_rewards.ipynb #2581ca8c
+# %% ../nbs/05_rewards.ipynb #53f3f1c9
 def _as_messages(p, i:int) -> list:
     "A prompt given as messages or as a prompt record."
     if isinstance(p, dict):
@@ -129,29 +173,30 @@ def sequence_logps(
     batch_size:int=8, # sequences per forward pass
     progress:bool=False, # tqdm bar over batches
     share_prefix:bool=True, # where a prompt repeats, run it once and share its KV cache (`shared_prefix_logps`); False: one full forward per sequence
+    precision:str='fp32', # 'fp32' or 'bf16' (`matmul_precision`)
 )->tuple: # (logps: float64 Tensor (n,) summed log pi(y|x), n_tokens: Tensor (n,) response tokens incl. end-of-turn), input order
     "Summed log-probability and token count of each response given its prompt, batched by length."
     if len(prompts) != len(responses): raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: give one response per prompt")
     seqs = [build_sequence(tokenizer, _as_messages(p, i), r) for i, (p, r) in enumerate(zip(prompts, responses))]
     groups = {}
     for i, (ids, n) in enumerate(seqs): groups.setdefault(tuple(ids[:n]), []).append(i)
-    if share_prefix and len(groups) < len(seqs): return _grouped_logps(model, tokenizer, seqs, list(groups.items()), batch_size, progress)
+    if share_prefix and len(groups) < len(seqs): return _grouped_logps(model, tokenizer, seqs, list(groups.items()), batch_size, progress, precision)
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
     logps, n_tok = torch.zeros(len(seqs), dtype=torch.float64), torch.zeros(len(seqs), dtype=torch.long)
     keep = _accepts_logits_to_keep(model)
-    with torch.inference_mode():
+    with torch.inference_mode(), matmul_precision(model, precision):
         for s in tqdm(range(0, len(order), batch_size), desc='log-probs', disable=not progress):
             idx = order[s:s+batch_size]
             lp, nt = _batch_logps(model, tokenizer, [seqs[i][0] for i in idx], [seqs[i][1] for i in idx], keep)
             logps[idx], n_tok[idx] = lp, nt
     return logps, n_tok
 
-# %% ../nbs/05_rewards.ipynb #6dae7fa6
-def _grouped_logps(model, tokenizer, seqs:list, groups:list, batch_size:int, progress:bool) -> tuple:
+# %% ../nbs/05_rewards.ipynb #8e67ec0b
+def _grouped_logps(model, tokenizer, seqs:list, groups:list, batch_size:int, progress:bool, precision:str='fp32') -> tuple:
     "`sequence_logps` through `shared_prefix_logps`: `groups` are (prompt ids, indices of the sequences after it)."
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lps = shared_prefix_logps(model, [list(p) for p, _ in groups], [[seqs[i][0][len(p):] for i in idx] for p, idx in groups],
-                              pad, batch_size, progress)
+                              pad, batch_size, progress, precision)
     logps, n_tok = torch.zeros(len(seqs), dtype=torch.float64), torch.tensor([len(s) - n for s, n in seqs])
     for (_, idx), lp in zip(groups, lps): logps[idx] = lp
     return logps, n_tok
@@ -230,7 +275,7 @@ def paper_m0_scores(
                 out[pid]['logps'][k], out[pid]['n_tokens'][k] = v, n
     return out
 
-# %% ../nbs/05_rewards.ipynb #1b0aef28
+# %% ../nbs/05_rewards.ipynb #b4be86c5
 def _pairs(prompts, samples) -> tuple:
     "Flattened (messages, response) of every sample, with its (prompt_id, response index)."
     by_id = dict(_prompt_rows(prompts))
@@ -249,10 +294,11 @@ def score_samples(
     batch_size:int=8, # sequences per forward pass
     progress:bool=False,
     share_prefix:bool=True, # each prompt prefilled once for its N responses (`shared_prefix_logps`); False: a full forward per response
+    precision:str='fp32', # 'fp32' or 'bf16' (`matmul_precision`); the loop scores in fp32
 )->dict: # prompt_id -> {"logps": [float]*N, "n_tokens": [int]*N}, in the samples' order
     "Log-probs of every sampled response under `model`, keyed by prompt id."
     msgs, resps, keys = _pairs(prompts, samples)
-    lp, nt = sequence_logps(model, tokenizer, msgs, resps, batch_size, progress, share_prefix)
+    lp, nt = sequence_logps(model, tokenizer, msgs, resps, batch_size, progress, share_prefix, precision)
     out = {s['prompt_id']: {'logps': [], 'n_tokens': []} for s in samples}
     for (pid, _), a, b in zip(keys, lp.tolist(), nt.tolist()): out[pid]['logps'].append(a); out[pid]['n_tokens'].append(b)
     return out
