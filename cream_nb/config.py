@@ -166,7 +166,7 @@ class DPOConfig:
         _check(self.beta > 0, 'dpo', 'beta', self.beta, "a number > 0")
         _check_training('dpo', self)
 
-# %% ../nbs/00_config.ipynb #8192b20a
+# %% ../nbs/00_config.ipynb #daf306b7
 EVAL_PROTOCOLS = ('generate', 'loglik')
 
 @dataclass
@@ -180,9 +180,12 @@ class EvalConfig:
                        "option log-likelihood as lm-evaluation-harness scores it, acc and acc_norm; GSM8K stays generative)")
     loglik_scorer: str = _f('shared', "who scores the options under protocol 'loglik': 'shared' (each question prefilled once for all "
                             "its options; equal to lm-eval to 1e-4, same picks) or 'lm-eval' (lm-evaluation-harness's HFLM, one row per option)")
+    precision: str = _f('auto', "matmul precision of loglik scoring: 'fp32', 'bf16' (bf16 matmuls, fp32 logits, log-softmax and sums) or "
+                        "'auto' (fp32: bench/precision.py found bf16 changes predictions; see the docs of cream_nb.rewards)")
     def __post_init__(self):
         for t in self.tasks: _choice('eval', 'tasks', t, TASKS)
         _choice('eval', 'loglik_scorer', self.loglik_scorer, ('shared', 'lm-eval'))
+        _choice('eval', 'precision', self.precision, ('fp32', 'bf16', 'auto'))
         _choice('eval', 'protocol', self.protocol, EVAL_PROTOCOLS)
         _check(self.limit is None or self.limit >= 1, 'eval', 'limit', self.limit, "None or an integer >= 1")
         _check(self.max_new_tokens >= 1, 'eval', 'max_new_tokens', self.max_new_tokens, "an integer >= 1")

@@ -363,7 +363,7 @@ def _quiet(progress:bool):
         tqdm.tqdm.__init__ = init
         if was_on: datasets.enable_progress_bars()
 
-# %% ../nbs/09_evaluate.ipynb #01022955
+# %% ../nbs/09_evaluate.ipynb #f7b7bc24
 def harness_loglik_predictions(
     model, tokenizer,
     records:list, # multiple-choice prompt records with gold answers
@@ -372,10 +372,12 @@ def harness_loglik_predictions(
 )->list: # rows {"task", "id", "question", "loglik": [float], "extracted", "extracted_norm", "gold", "correct", "correct_norm"}
     "Prediction rows of the `loglik` protocol, scored by lm-evaluation-harness on the loaded model."
     import tempfile
+    from cream_nb.rewards import matmul_precision, resolve_precision
+    prec = resolve_precision('eval.precision', getattr(cfg, 'precision', 'fp32'), model.device)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    with tempfile.TemporaryDirectory() as d, _quiet(progress):
+    with tempfile.TemporaryDirectory() as d, _quiet(progress), matmul_precision(model, prec):
         names = harness_tasks(records, d)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
         out = simple_evaluate(lm, tasks=list(names.values()), task_manager=TaskManager(include_path=d, include_defaults=False),
@@ -422,7 +424,7 @@ def _loglik_row(task:str, doc:dict, ll:list) -> dict:
                 extracted_norm=doc['labels'][pick_norm], gold=doc['labels'][doc['gold']],
                 correct=pick == doc['gold'], correct_norm=pick_norm == doc['gold'])
 
-# %% ../nbs/09_evaluate.ipynb #ee4a6d50
+# %% ../nbs/09_evaluate.ipynb #11776861
 def shared_loglik_predictions(
     model, tokenizer,
     records:list, # multiple-choice prompt records with gold answers
@@ -430,20 +432,21 @@ def shared_loglik_predictions(
     progress:bool=True, # a progress bar over batches
 )->list: # rows as `harness_loglik_predictions` gives them, in the same order
     "Prediction rows of the `loglik` protocol, each question prefilled once for all its options."
-    from cream_nb.rewards import shared_prefix_logps
+    from cream_nb.rewards import shared_prefix_logps, resolve_precision
+    prec = resolve_precision('eval.precision', getattr(cfg, 'precision', 'fp32'), model.device)
     docs = _mc_docs(records)
     enc = [[harness_pair_ids(tokenizer, f"Question: {d['question']}\nAnswer:", f" {c}") for c in d['choices']] for _, d in docs]
     for (_, d), e in zip(docs, enc):
         if any(ctx != e[0][0] for ctx, _ in e): raise ValueError(f"record {d['id']!r}: its options' contexts tokenize differently")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lps = shared_prefix_logps(model, [e[0][0] for e in enc], [[c for _, c in e] for e in enc], pad, cfg.batch_size, progress)
+    lps = shared_prefix_logps(model, [e[0][0] for e in enc], [[c for _, c in e] for e in enc], pad, cfg.batch_size, progress, prec)
     return [_loglik_row(t, d, lp.tolist()) for (t, d), lp in zip(docs, lps)]
 
-# %% ../nbs/09_evaluate.ipynb #889a7de4
+# %% ../nbs/09_evaluate.ipynb #19d0aad1
 def loglik_predictions(
     model, tokenizer,
     records:list, # multiple-choice prompt records with gold answers
-    cfg, # `EvalConfig`: batch_size, loglik_scorer ('shared' or 'lm-eval')
+    cfg, # `EvalConfig`: batch_size, loglik_scorer ('shared' or 'lm-eval'), precision ('fp32', 'bf16', 'auto')
     progress:bool=True, # progress bars
 )->list: # rows {"task", "id", "question", "loglik": [float], "extracted", "extracted_norm", "gold", "correct", "correct_norm"}
     "Prediction rows of the `loglik` protocol: options scored with one prefill per question, or by lm-evaluation-harness."
@@ -451,7 +454,7 @@ def loglik_predictions(
     if scorer not in ('shared', 'lm-eval'): raise ValueError(f"eval.loglik_scorer must be 'shared' or 'lm-eval', got {scorer!r}")
     return (shared_loglik_predictions if scorer == 'shared' else harness_loglik_predictions)(model, tokenizer, records, cfg, progress)
 
-# %% ../nbs/09_evaluate.ipynb #013c7fad
+# %% ../nbs/09_evaluate.ipynb #7c566fe4
 def evaluate(
     model, # the model to evaluate (any checkpoint: `CreamRun.model(name)` gives one)
     tokenizer,
@@ -474,6 +477,9 @@ def evaluate(
         test_sets = {t: load_test_set(t, source=source, limit=cfg.limit) for t in cfg.tasks}
     records = [dict(r) for t in cfg.tasks for r in test_sets[t]]
     loglik = cfg.protocol == 'loglik'
+    if loglik:                                                         # an impossible eval.precision stops before any work
+        from cream_nb.rewards import resolve_precision
+        resolve_precision('eval.precision', cfg.precision, getattr(model, 'device', 'cpu'))
     gen = [r for r in records if not loglik or r['task'] in NUMERIC_TASKS]
     rows = generate_predictions(model, tokenizer, gen, cfg, progress, resume_path, engine, checkpoint) if gen else []
     if loglik:

@@ -123,7 +123,7 @@ def _as_config(config) -> CreamConfig:
 NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the value that behaves as before the field existed
                     'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None,
                     'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto',
-                    'eval.loglik_scorer': 'shared'}
+                    'eval.loglik_scorer': 'shared', 'eval.precision': 'auto'}
 UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps'}   # how often a stage checkpoints changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:

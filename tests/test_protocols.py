@@ -174,3 +174,24 @@ def test_accuracy_figure_error_bars():
     lo, hi = proportion_confint(2, 4, method='wilson')
     assert tr['arc_easy'].error_y.array[1] == pytest.approx(hi - 0.5)
     assert tr['average'].error_y.array is None                               # the macro average has no interval
+
+def test_eval_precision(tiny, monkeypatch):
+    "eval.precision: 'auto' is fp32 here (the bench's decision), bf16 runs both scorers alike, no bf16 matmuls stops before any work."
+    import cream_nb.rewards as R
+    model, tok = tiny
+    records = [dict(r) for t in MC for r in load_test_set(t, source='offline', limit=1)]
+    fp32 = loglik_predictions(model, tok, records, EvalConfig(batch_size=4, precision='fp32'), progress=False)
+    assert R.BF16_AUTO['eval.precision'] is False
+    assert loglik_predictions(model, tok, records, EvalConfig(batch_size=4), progress=False) == fp32
+    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': True)             # bf16 autocast runs (emulated) on any CPU
+    own = loglik_predictions(model, tok, records, EvalConfig(batch_size=4, precision='bf16'), progress=False)
+    ref = loglik_predictions(model, tok, records, EvalConfig(batch_size=4, precision='bf16', loglik_scorer='lm-eval'), progress=False)
+    d = [abs(a - b) for o, r in zip(own, ref) for a, b in zip(o['loglik'], r['loglik'])]
+    d32 = [abs(a - b) for o, r in zip(own, fp32) for a, b in zip(o['loglik'], r['loglik'])]
+    assert max(d) < 0.05 and 0 < max(d32) < 0.5
+    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)
+    called = []
+    monkeypatch.setattr('cream_nb.evaluate.generate_predictions', lambda *a, **k: called.append(1) or [])
+    with pytest.raises(RuntimeError, match="eval.precision='bf16' needs bf16 matmul instructions"):
+        evaluate(model, tok, EvalConfig(limit=1, protocol='loglik', precision='bf16'), source='offline', progress=False)
+    assert not called                                                               # stopped before generating GSM8K answers

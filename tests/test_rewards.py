@@ -258,3 +258,39 @@ def test_sequence_logps_left_padding_with_absolute_positions(tiny):
     want = [naive(model, tok, m, r) for m, r in zip(msgs, resps)]
     assert torch.allclose(lp, torch.tensor([a for a, _ in want], dtype=torch.float64), atol=1e-5, rtol=0)
     assert nt.tolist() == [b for _, b in want]
+
+# ---- precision -----------------------------------------------------------------------------------------
+def test_resolve_precision(monkeypatch):
+    assert R.resolve_precision('eval.precision', 'fp32') == 'fp32'
+    assert R.resolve_precision('eval.precision', 'auto') == ('bf16' if R.bf16_matmuls() and R.BF16_AUTO['eval.precision'] else 'fp32')
+    with pytest.raises(ValueError, match="reward.precision must be one of 'fp32', 'bf16', 'auto', got 'fp16'"):
+        R.resolve_precision('reward.precision', 'fp16')
+    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)        # a machine without bf16 matmuls
+    assert R.resolve_precision('eval.precision', 'auto') == 'fp32'
+    with pytest.raises(RuntimeError, match=r"^eval.precision='bf16' needs bf16 matmul instructions .* set eval.precision to 'fp32' or 'auto'$"):
+        R.resolve_precision('eval.precision', 'bf16')
+    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': True)
+    monkeypatch.setitem(R.BF16_AUTO, 'eval.precision', True)
+    assert R.resolve_precision('eval.precision', 'auto') == 'bf16'
+    monkeypatch.setitem(R.BF16_AUTO, 'eval.precision', False)
+    assert R.resolve_precision('eval.precision', 'auto') == 'fp32'
+
+@pytest.mark.parametrize('share', [True, False])
+def test_bf16_scoring_equals_naive_bf16_forward(adapters, tiny, share):
+    "bf16 matmuls with fp32 logits: both scoring paths = one unpadded forward under matmul_precision, and the head stays fp32."
+    _, tok = tiny
+    msgs = [p['messages'] for s in SAMPLES for p in PROMPTS if p['id'] == s['prompt_id'] for _ in s['responses']]
+    resps = [r for s in SAMPLES for r in s['responses']]
+    with use_model(adapters, 'm2'):
+        want = []
+        for m, r in zip(msgs, resps):
+            ids, n = R.build_sequence(tok, m, r); x = torch.tensor([ids])
+            with torch.no_grad(), R.matmul_precision(adapters, 'bf16'):
+                logits = adapters(x).logits
+                assert logits.dtype == torch.float32
+                want.append(logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0][n - 1:].double().sum().item())
+        got, _ = R.sequence_logps(adapters, tok, msgs, resps, batch_size=5, share_prefix=share, precision='bf16')
+        fp32, _ = R.sequence_logps(adapters, tok, msgs, resps, batch_size=5)
+    assert (got - torch.tensor(want, dtype=torch.float64)).abs().max() < 0.1        # bf16 matmuls of other shapes
+    assert 0 < (got - fp32).abs().max() < 1.0                                       # bf16 really ran, and moved little
+    assert 'forward' not in vars(adapters.get_output_embeddings())                 # the head is restored
