@@ -166,7 +166,7 @@ class DPOConfig:
         _check(self.beta > 0, 'dpo', 'beta', self.beta, "a number > 0")
         _check_training('dpo', self)
 
-# %% ../nbs/00_config.ipynb #daf306b7
+# %% ../nbs/00_config.ipynb #88dd44b2
 EVAL_PROTOCOLS = ('generate', 'loglik')
 
 @dataclass
@@ -181,7 +181,7 @@ class EvalConfig:
     loglik_scorer: str = _f('shared', "who scores the options under protocol 'loglik': 'shared' (each question prefilled once for all "
                             "its options; equal to lm-eval to 1e-4, same picks) or 'lm-eval' (lm-evaluation-harness's HFLM, one row per option)")
     precision: str = _f('auto', "matmul precision of loglik scoring: 'fp32', 'bf16' (bf16 matmuls, fp32 logits, log-softmax and sums) or "
-                        "'auto' (fp32: bench/precision.py found bf16 changes predictions; see the docs of cream_nb.rewards)")
+                        "'auto' (bf16 only where bench/precision.py showed >= 99% of predictions unchanged: cream_nb.rewards.BF16_AUTO; fp32 now)")
     def __post_init__(self):
         for t in self.tasks: _choice('eval', 'tasks', t, TASKS)
         _choice('eval', 'loglik_scorer', self.loglik_scorer, ('shared', 'lm-eval'))
