@@ -166,7 +166,7 @@ class DPOConfig:
         _check(self.beta > 0, 'dpo', 'beta', self.beta, "a number > 0")
         _check_training('dpo', self)
 
-# %% ../nbs/00_config.ipynb #88dd44b2
+# %% ../nbs/00_config.ipynb #d108eaef
 EVAL_PROTOCOLS = ('generate', 'loglik')
 
 @dataclass
@@ -179,7 +179,7 @@ class EvalConfig:
     protocol: str = _f('generate', "'generate' (paper: greedy answer, 'Answer:' extracted) or 'loglik' (multiple choice by "
                        "option log-likelihood as lm-evaluation-harness scores it, acc and acc_norm; GSM8K stays generative)")
     loglik_scorer: str = _f('shared', "who scores the options under protocol 'loglik': 'shared' (each question prefilled once for all "
-                            "its options; equal to lm-eval to 1e-4, same picks) or 'lm-eval' (lm-evaluation-harness's HFLM, one row per option)")
+                            "its options; 6x faster than lm-eval on cpu-demo, log-likelihoods equal to 2e-4 (fp32 rounding), same picks) or 'lm-eval' (lm-evaluation-harness's HFLM, one row per option)")
     precision: str = _f('auto', "matmul precision of loglik scoring: 'fp32', 'bf16' (bf16 matmuls, fp32 logits, log-softmax and sums) or "
                         "'auto' (bf16 only where bench/precision.py showed >= 99% of predictions unchanged: cream_nb.rewards.BF16_AUTO; fp32 now)")
     def __post_init__(self):
