@@ -174,7 +174,7 @@ class DPOConfig:
         _check(self.beta > 0, 'dpo', 'beta', self.beta, "a number > 0")
         _check_training('dpo', self)
 
-# %% ../nbs/00_config.ipynb #de8287f8
+# %% ../nbs/00_config.ipynb #db0b7828
 EVAL_PROTOCOLS = ('generate', 'loglik')
 
 @dataclass
@@ -186,8 +186,14 @@ class EvalConfig:
     batch_size: int = _f(16, "questions per generation batch")
     protocol: str = _f('generate', "'generate' (paper: greedy answer, 'Answer:' extracted) or 'loglik' (multiple choice by "
                        "option log-likelihood as lm-evaluation-harness scores it, acc and acc_norm; GSM8K stays generative)")
+    loglik_scorer: str = _f('shared', "who scores the options under protocol 'loglik': 'shared' (each question prefilled once for all "
+                            "its options; 6x faster than lm-eval on cpu-demo, log-likelihoods equal to 2e-4 (fp32 rounding), same picks) or 'lm-eval' (lm-evaluation-harness's HFLM, one row per option)")
+    precision: str = _f('auto', "matmul precision of loglik scoring: 'fp32', 'bf16' (bf16 matmuls, fp32 logits, log-softmax and sums) or "
+                        "'auto' (bf16 only where bench/precision.py showed >= 99% of predictions unchanged: cream_nb.rewards.BF16_AUTO; fp32 now)")
     def __post_init__(self):
         for t in self.tasks: _choice('eval', 'tasks', t, TASKS)
+        _choice('eval', 'loglik_scorer', self.loglik_scorer, ('shared', 'lm-eval'))
+        _choice('eval', 'precision', self.precision, ('fp32', 'bf16', 'auto'))
         _choice('eval', 'protocol', self.protocol, EVAL_PROTOCOLS)
         _check(self.limit is None or self.limit >= 1, 'eval', 'limit', self.limit, "None or an integer >= 1")
         _check(self.max_new_tokens >= 1, 'eval', 'max_new_tokens', self.max_new_tokens, "an integer >= 1")

@@ -15,7 +15,8 @@ from .processes import world_size, shared_batches, is_writer
 # %% auto #0
 __all__ = ['MC_LABELS', 'NUMERIC_TASKS', 'EXTRACT_TASKS', 'extract_answer', 'answers_match', 'accuracy_table', 'correctness',
            'reward_accuracy', 'iteration_reward_accuracy', 'task_metrics', 'metrics_intervals', 'greedy_answers',
-           'generate_predictions', 'harness_tasks', 'loglik_predictions', 'loglik_across_processes', 'evaluate']
+           'generate_predictions', 'harness_tasks', 'harness_loglik_predictions', 'harness_pair_ids',
+           'shared_loglik_predictions', 'loglik_predictions', 'loglik_across_processes', 'evaluate']
 
 # %% ../nbs/09_evaluate.ipynb #dbb9ae42
 MC_LABELS = {'arc_easy': list('ABCDE'), 'arc_challenge': list('ABCDE'), 'openbookqa': list('ABCD'),
@@ -351,8 +352,8 @@ def _quiet(progress:bool):
         tqdm.tqdm.__init__ = init
         if was_on: datasets.enable_progress_bars()
 
-# %% ../nbs/09_evaluate.ipynb #a5367f02
-def loglik_predictions(
+# %% ../nbs/09_evaluate.ipynb #ec5228c5
+def harness_loglik_predictions(
     model, tokenizer,
     records:list, # multiple-choice prompt records with gold answers
     cfg, # `EvalConfig`: batch_size
@@ -360,10 +361,12 @@ def loglik_predictions(
 )->list: # rows {"task", "id", "question", "loglik": [float], "extracted", "extracted_norm", "gold", "correct", "correct_norm"}
     "Prediction rows of the `loglik` protocol, scored by lm-evaluation-harness on the loaded model."
     import tempfile
+    from cream_nb.rewards import matmul_precision, resolve_precision
+    prec = resolve_precision('eval.precision', getattr(cfg, 'precision', 'fp32'), model.device)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    with tempfile.TemporaryDirectory() as d, _quiet(progress):
+    with tempfile.TemporaryDirectory() as d, _quiet(progress), matmul_precision(model, prec):
         names = harness_tasks(records, d)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
         out = simple_evaluate(lm, tasks=list(names.values()), task_manager=TaskManager(include_path=d, include_defaults=False),
@@ -377,6 +380,68 @@ def loglik_predictions(
                              extracted_norm=doc['labels'][pick_norm], gold=doc['labels'][doc['gold']],
                              correct=bool(s['acc']), correct_norm=bool(s['acc_norm'])))
     return rows
+
+# %% ../nbs/09_evaluate.ipynb #a8e08b9c
+def harness_pair_ids(
+    tokenizer,
+    context:str, # the prompt text, "Question: ...\nAnswer:"
+    continuation:str, # the option as scored, " <option text>"
+)->tuple: # (context ids, continuation ids): what lm-eval's HFLM feeds a causal model for this request
+    "Token ids of a loglikelihood request, split as lm-evaluation-harness 0.4.13 splits them (`_encode_pair`)."
+    if not context: raise ValueError("an empty context is not supported (lm-eval scores it after a BOS/EOS token)")
+    n = len(context) - len(context.rstrip())
+    if n: context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+# %% ../nbs/09_evaluate.ipynb #c1991c74
+def _mc_docs(records:list) -> list:
+    "(task, doc) per record, grouped by task in first-seen order: the docs `harness_tasks` writes, in lm-eval's row order."
+    from cream_nb.data import parse_prompt
+    docs = {}
+    for rec in records:
+        q, ch = parse_prompt(rec['messages'][-1]['content'])
+        labels = list(ch)
+        if rec['answer'] not in labels: raise ValueError(f"record {rec['id']!r}: gold answer {rec['answer']!r} is not one of its option labels {labels}")
+        docs.setdefault(rec['task'], []).append(dict(id=rec['id'], question=q, choices=list(ch.values()), labels=labels, gold=labels.index(rec['answer'])))
+    return [(t, d) for t, ds in docs.items() for d in ds]
+
+def _loglik_row(task:str, doc:dict, ll:list) -> dict:
+    "A prediction row from the options' log-likelihoods: acc by argmax, acc_norm by argmax per character (lm-eval's)."
+    pick, pick_norm = int(np.argmax(ll)), int(np.argmax(np.array(ll) / [float(len(c)) for c in doc['choices']]))
+    return dict(task=task, id=doc['id'], question=doc['question'], loglik=ll, extracted=doc['labels'][pick],
+                extracted_norm=doc['labels'][pick_norm], gold=doc['labels'][doc['gold']],
+                correct=pick == doc['gold'], correct_norm=pick_norm == doc['gold'])
+
+# %% ../nbs/09_evaluate.ipynb #5102597d
+def shared_loglik_predictions(
+    model, tokenizer,
+    records:list, # multiple-choice prompt records with gold answers
+    cfg, # `EvalConfig`: batch_size (options per forward pass)
+    progress:bool=True, # a progress bar over batches
+)->list: # rows as `harness_loglik_predictions` gives them, in the same order
+    "Prediction rows of the `loglik` protocol, each question prefilled once for all its options."
+    from cream_nb.rewards import shared_prefix_logps, resolve_precision
+    prec = resolve_precision('eval.precision', getattr(cfg, 'precision', 'fp32'), model.device)
+    docs = _mc_docs(records)
+    enc = [[harness_pair_ids(tokenizer, f"Question: {d['question']}\nAnswer:", f" {c}") for c in d['choices']] for _, d in docs]
+    for (_, d), e in zip(docs, enc):
+        if any(ctx != e[0][0] for ctx, _ in e): raise ValueError(f"record {d['id']!r}: its options' contexts tokenize differently")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lps = shared_prefix_logps(model, [e[0][0] for e in enc], [[c for _, c in e] for e in enc], pad, cfg.batch_size, progress, prec)
+    return [_loglik_row(t, d, lp.tolist()) for (t, d), lp in zip(docs, lps)]
+
+# %% ../nbs/09_evaluate.ipynb #81dd8e10
+def loglik_predictions(
+    model, tokenizer,
+    records:list, # multiple-choice prompt records with gold answers
+    cfg, # `EvalConfig`: batch_size, loglik_scorer ('shared' or 'lm-eval'), precision ('fp32', 'bf16', 'auto')
+    progress:bool=True, # progress bars
+)->list: # rows {"task", "id", "question", "loglik": [float], "extracted", "extracted_norm", "gold", "correct", "correct_norm"}
+    "Prediction rows of the `loglik` protocol: options scored with one prefill per question, or by lm-evaluation-harness."
+    scorer = getattr(cfg, 'loglik_scorer', 'shared')
+    if scorer not in ('shared', 'lm-eval'): raise ValueError(f"eval.loglik_scorer must be 'shared' or 'lm-eval', got {scorer!r}")
+    return (shared_loglik_predictions if scorer == 'shared' else harness_loglik_predictions)(model, tokenizer, records, cfg, progress)
 
 # %% ../nbs/09_evaluate.ipynb #ca4e24b9
 def loglik_across_processes(
@@ -393,7 +458,7 @@ def loglik_across_processes(
     where = {(r['task'], r['id']): i for i, r in enumerate(records)}
     return sorted((row for _, rows in done for row in rows), key=lambda row: where[(row['task'], row['id'])])
 
-# %% ../nbs/09_evaluate.ipynb #e19bbf93
+# %% ../nbs/09_evaluate.ipynb #de1d558e
 def evaluate(
     model, # the model to evaluate (any checkpoint: `CreamRun.model(name)` gives one)
     tokenizer,
@@ -416,6 +481,9 @@ def evaluate(
         test_sets = {t: load_test_set(t, source=source, limit=cfg.limit) for t in cfg.tasks}
     records = [dict(r) for t in cfg.tasks for r in test_sets[t]]
     loglik = cfg.protocol == 'loglik'
+    if loglik:                                                         # an impossible eval.precision stops before any work
+        from cream_nb.rewards import resolve_precision
+        resolve_precision('eval.precision', cfg.precision, getattr(model, 'device', 'cpu'))
     gen = [r for r in records if not loglik or r['task'] in NUMERIC_TASKS]
     rows = generate_predictions(model, tokenizer, gen, cfg, progress, resume_path, engine, checkpoint) if gen else []
     if loglik:

@@ -138,7 +138,7 @@ def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable
         barrier()   # no process reads this stage's outputs before they are complete
     return result
 
-# %% ../nbs/10_loop.ipynb #8e06d1d4
+# %% ../nbs/10_loop.ipynb #92242e52
 def _as_config(config) -> CreamConfig:
     if isinstance(config, CreamConfig): return config
     if isinstance(config, dict): return config_from_dict(config)
@@ -149,7 +149,7 @@ def _as_config(config) -> CreamConfig:
 NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the value that behaves as before the field existed
                     'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None,
                     'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto', 'sampling.tensor_parallel_size': 1,
-                    'reward.judge_scoring': 'generate'}
+                    'reward.judge_scoring': 'generate', 'eval.loglik_scorer': 'shared', 'eval.precision': 'auto'}
 UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps'}   # how often a stage checkpoints changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:

@@ -16,10 +16,12 @@ from .processes import shared_batches, my_share, is_writer
 from .sampling import chat_prompt_ids, sample_responses, _prompt_rows
 
 # %% auto #0
-__all__ = ['JUDGE_TEMPLATE', 'JUDGE_SCORE_PREFIX', 'build_sequence', 'selective_log_softmax', 'sequence_logps', 'implicit_reward',
-           'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts', 'paper_m0_scores', 'score_samples',
-           'scored_models', 'iteration_logps', 'iteration_rewards', 'judge_prompt', 'parse_judge_score',
-           'judge_rewards', 'judge_score_tokens', 'judge_score_sequence', 'judge_expected_scores', 'oracle_rewards']
+__all__ = ['PRECISIONS', 'BF16_AUTO', 'JUDGE_TEMPLATE', 'JUDGE_SCORE_PREFIX', 'build_sequence', 'selective_log_softmax',
+           'bf16_matmuls', 'resolve_precision', 'matmul_precision', 'shared_prefix_logps', 'sequence_logps',
+           'implicit_reward', 'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts',
+           'paper_m0_scores', 'score_samples', 'scored_models', 'iteration_logps', 'iteration_rewards', 'judge_prompt',
+           'parse_judge_score', 'judge_rewards', 'judge_score_tokens', 'judge_score_sequence', 'judge_expected_scores',
+           'oracle_rewards']
 
 # %% ../nbs/05_rewards.ipynb #04c93402
 def build_sequence(
@@ -48,12 +50,111 @@ def selective_log_softmax(
     lse = torch.stack([torch.logsumexp(row.to(dt), dim=-1) for row in logits])   # one (seq, vocab) row at a time
     return (picked - lse) * mask
 
-# %% ../nbs/05_rewards.ipynb #59543708
+# %% ../nbs/05_rewards.ipynb #eec394b3
+import contextlib
+PRECISIONS = ('fp32', 'bf16', 'auto')
+BF16_AUTO = {'reward.precision': False, 'eval.precision': False}   # set from bench/precision.py: does bf16 meet the bar?
+
+def bf16_matmuls(device='cpu') -> bool:
+    "Whether `device` has bf16 matrix instructions (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."
+    from cream_nb.engine import cpu_has_bf16
+    dev = torch.device(device)
+    return torch.cuda.is_bf16_supported() if dev.type == 'cuda' else dev.type == 'cpu' and cpu_has_bf16()
+
+def resolve_precision(
+    switch:str, # the config field, e.g. 'eval.precision' (named in errors; keys BF16_AUTO)
+    value:str, # 'fp32', 'bf16' or 'auto'
+    device='cpu', # where the work runs
+)->str: # 'fp32' or 'bf16'
+    "The precision a kind of work runs in: 'auto' is bf16 only where its bench passed and the machine has bf16 matmuls."
+    if value not in PRECISIONS: raise ValueError(f"{switch} must be one of {', '.join(map(repr, PRECISIONS))}, got {value!r}")
+    have = bf16_matmuls(device)
+    if value == 'bf16' and not have:
+        raise RuntimeError(f"{switch}='bf16' needs bf16 matmul instructions (AVX512-BF16/AMX, or a CUDA GPU with bf16), which this machine lacks: set {switch} to 'fp32' or 'auto'")
+    if value == 'auto': return 'bf16' if have and BF16_AUTO.get(switch, False) else 'fp32'
+    return value
+
+# %% ../nbs/05_rewards.ipynb #5c8d0afe
+@contextlib.contextmanager
+def matmul_precision(
+    model, # causal LM (or PEFT model)
+    precision:str, # 'fp32' (nothing changes) or 'bf16'
+):
+    "Within the block: bf16 autocast for the model's matmuls, its output layer (logits) in fp32."
+    if precision == 'fp32': yield; return
+    if precision != 'bf16': raise ValueError(f"precision must be 'fp32' or 'bf16' here (resolve 'auto' with resolve_precision), got {precision!r}")
+    head = model.get_output_embeddings()
+    dev, fwd = next(model.parameters()).device.type, head.forward
+    def forward(x):                                                # the output layer out of autocast, on an fp32 input
+        with torch.autocast(dev, enabled=False): return fwd(x.float())
+    head.forward = forward
+    try:
+        with torch.autocast(dev, dtype=torch.bfloat16): yield
+    finally: del head.forward
+
+# %% ../nbs/05_rewards.ipynb #15f6090f
+from .engine import _left_pad, _cache_kw, _new_cache, _contiguous_head
+
 def _accepts_logits_to_keep(model) -> bool:
     "Whether the (unwrapped) model's forward takes `logits_to_keep`."
     base = model.get_base_model() if hasattr(model, 'get_base_model') else model
     return 'logits_to_keep' in inspect.signature(base.forward).parameters
 
+def _prefix_batch(model, prefixes:list, conts:list, pad_id:int) -> torch.Tensor:
+    "Summed log-probs (float64, flat in group order) of every continuation of these prefixes, each prefix run once."
+    ids, mask, pos = _left_pad(prefixes, pad_id, model.device)
+    kw, cache = _cache_kw(model), _new_cache(model)
+    keep = {'logits_to_keep': 1} if _accepts_logits_to_keep(model) else {}
+    with _contiguous_head(model):
+        last = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep, **{kw: cache}).logits[:, -1]
+    rows = torch.repeat_interleave(torch.arange(len(prefixes)), torch.tensor([len(c) for c in conts])).to(ids.device)
+    cache.batch_select_indices(rows)                                           # (R, heads, L, d): each prefix once per continuation
+    flat = [c for cs in conts for c in cs]
+    cids, cmask = torch.full((len(flat), max(map(len, flat))), pad_id, dtype=torch.long), torch.zeros((len(flat), max(map(len, flat))), dtype=torch.long)
+    for i, c in enumerate(flat): cids[i, :len(c)], cmask[i, :len(c)] = torch.tensor(c), 1   # right padding
+    cids, cmask = cids.to(ids.device), cmask.to(ids.device)
+    cpos = pos[rows, -1:] + 1 + torch.arange(cids.shape[1], device=ids.device)
+    logits = model(input_ids=cids, attention_mask=torch.cat([mask[rows], cmask], 1), position_ids=cpos, use_cache=True, **{kw: cache}).logits
+    first = selective_log_softmax(last[rows, None], cids[:, :1])[:, 0]      # first token: from the prefix's last position
+    rest = selective_log_softmax(logits[:, :-1], cids[:, 1:].masked_fill(cmask[:, 1:] == 0, -100))
+    return (first.double() + rest.sum(-1, dtype=torch.float64)).cpu()
+
+# %% ../nbs/05_rewards.ipynb #fdbae84e
+def shared_prefix_logps(
+    model, # causal LM (or PEFT model) in eval mode
+    prefixes:Sequence, # G lists of token ids: the shared prefixes (prompts, questions)
+    continuations:Sequence, # G lists of continuations, each a non-empty list of token ids scored after its prefix
+    pad_id:int, # id written in padded positions (never attended to)
+    batch_size:int=8, # continuations per forward pass; a batch holds whole groups
+    progress:bool=False, # tqdm bar over batches
+    precision:str='fp32', # 'fp32' or 'bf16' (`matmul_precision`: bf16 matmuls, fp32 logits, log-softmax and sums)
+    across_processes:bool=False, # under accelerate launch: each process runs every world-th batch, all get every result
+)->list: # G float64 Tensors (n_g,): summed log p(continuation | prefix), in input order
+    "Summed log-probability of every continuation given its prefix, each prefix computed once (KV cache shared)."
+    if len(prefixes) != len(continuations): raise ValueError(f"{len(prefixes)} prefixes but {len(continuations)} continuation lists: give one list per prefix")
+    for g, (p, cs) in enumerate(zip(prefixes, continuations)):
+        if not p or not cs or not all(len(c) for c in cs): raise ValueError(f"group {g}: the prefix and every continuation need at least one token (and at least one continuation)")
+    order = sorted(range(len(prefixes)), key=lambda g: (-len(prefixes[g]) - max(map(len, continuations[g])), g))
+    batches, cur = [], []
+    for g in order:
+        if cur and sum(len(continuations[h]) for h in cur) + len(continuations[g]) > batch_size: batches.append(cur); cur = []
+        cur.append(g)
+    if cur: batches.append(cur)
+    out = [None] * len(prefixes)
+    bar = tqdm(total=len(my_share(len(batches))) if across_processes else len(batches), desc='log-probs (shared prefix)',
+               disable=not (progress and is_writer()))
+    def run(b):
+        lp = _prefix_batch(model, [list(prefixes[g]) for g in b], [[list(c) for c in continuations[g]] for g in b], pad_id)
+        bar.update(1)
+        return [part.tolist() for part in lp.split([len(continuations[g]) for g in b])]
+    with torch.inference_mode(), matmul_precision(model, precision):   # a batch is the same whichever process runs it
+        done = shared_batches(batches, run) if across_processes else [(k, run(b)) for k, b in enumerate(batches)]
+    bar.close()
+    for k, parts in done:
+        for g, part in zip(batches[k], parts): out[g] = torch.tensor(part, dtype=torch.float64)
+    return out
+
+# %% ../nbs/05_rewards.ipynb #a3af6c2d
 def _batch_logps(model, tokenizer, seqs:list, n_prompt:list, keep:bool) -> tuple:
     "Summed response log-probs and response lengths of one batch of sequences."
     enc = tokenizer.pad({'input_ids': seqs}, padding_side='left', return_tensors='pt').to(model.device)
@@ -66,7 +167,7 @@ def _batch_logps(model, tokenizer, seqs:list, n_prompt:list, keep:bool) -> tuple
     labels = ids[:, -k:].masked_fill(torch.arange(k, device=ids.device) < (k - n_resp)[:, None], -100)
     return selective_log_softmax(logits, labels).sum(-1, dtype=torch.float64).cpu(), n_resp.cpu()
 
-# %% ../nbs/05_rewards.ipynb #33fb4ad7
+# %% ../nbs/05_rewards.ipynb #002a5a7b
 def _as_messages(p, i:int) -> list:
     "A prompt given as messages or as a prompt record."
     if isinstance(p, dict):
@@ -81,11 +182,17 @@ def sequence_logps(
     responses:Sequence[str], # n response texts, responses[i] answers prompts[i]
     batch_size:int=8, # sequences per forward pass
     progress:bool=False, # tqdm bar over batches
+    share_prefix:bool=True, # where a prompt repeats, run it once and share its KV cache (`shared_prefix_logps`); False: one full forward per sequence
+    precision:str='fp32', # 'fp32' or 'bf16' (`matmul_precision`)
     across_processes:bool=False, # under accelerate launch: each process scores every world-th batch, all get every result
 )->tuple: # (logps: float64 Tensor (n,) summed log pi(y|x), n_tokens: Tensor (n,) response tokens incl. end-of-turn), input order
     "Summed log-probability and token count of each response given its prompt, batched by length."
     if len(prompts) != len(responses): raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: give one response per prompt")
     seqs = [build_sequence(tokenizer, _as_messages(p, i), r) for i, (p, r) in enumerate(zip(prompts, responses))]
+    groups = {}
+    for i, (ids, n) in enumerate(seqs): groups.setdefault(tuple(ids[:n]), []).append(i)
+    if share_prefix and len(groups) < len(seqs):
+        return _grouped_logps(model, tokenizer, seqs, list(groups.items()), batch_size, progress, precision, across_processes)
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
     batches = [order[s:s+batch_size] for s in range(0, len(order), batch_size)]
     mine = len(my_share(len(batches))) if across_processes else len(batches)
@@ -94,12 +201,23 @@ def sequence_logps(
         lp, nt = _batch_logps(model, tokenizer, [seqs[i][0] for i in idx], [seqs[i][1] for i in idx], keep)
         bar.update(1)
         return list(zip(idx, lp.tolist(), nt.tolist()))
-    with torch.inference_mode():   # a batch is the same batch whoever scores it, so the numbers do not depend on the processes
+    with torch.inference_mode(), matmul_precision(model, precision):   # a batch is the same batch whoever scores it
         done = shared_batches(batches, score) if across_processes else [(b, score(idx)) for b, idx in enumerate(batches)]
     bar.close()
     logps, n_tok = torch.zeros(len(seqs), dtype=torch.float64), torch.zeros(len(seqs), dtype=torch.long)
     for _, rows in done:
         for i, lp, nt in rows: logps[i], n_tok[i] = lp, nt
+    return logps, n_tok
+
+# %% ../nbs/05_rewards.ipynb #f45b921f
+def _grouped_logps(model, tokenizer, seqs:list, groups:list, batch_size:int, progress:bool, precision:str='fp32',
+                   across_processes:bool=False) -> tuple:
+    "`sequence_logps` through `shared_prefix_logps`: `groups` are (prompt ids, indices of the sequences after it)."
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lps = shared_prefix_logps(model, [list(p) for p, _ in groups], [[seqs[i][0][len(p):] for i in idx] for p, idx in groups],
+                              pad, batch_size, progress, precision, across_processes)
+    logps, n_tok = torch.zeros(len(seqs), dtype=torch.float64), torch.tensor([len(s) - n for s, n in seqs])
+    for (_, idx), lp in zip(groups, lps): logps[idx] = lp
     return logps, n_tok
 
 # %% ../nbs/05_rewards.ipynb #2dd9f459
@@ -176,7 +294,7 @@ def paper_m0_scores(
                 out[pid]['logps'][k], out[pid]['n_tokens'][k] = v, n
     return out
 
-# %% ../nbs/05_rewards.ipynb #781d84a6
+# %% ../nbs/05_rewards.ipynb #ec3a8aaa
 def _pairs(prompts, samples) -> tuple:
     "Flattened (messages, response) of every sample, with its (prompt_id, response index)."
     by_id = dict(_prompt_rows(prompts))
@@ -194,11 +312,13 @@ def score_samples(
     samples:list, # sample records {"prompt_id", "responses": [str]*N}
     batch_size:int=8, # sequences per forward pass
     progress:bool=False,
+    share_prefix:bool=True, # each prompt prefilled once for its N responses (`shared_prefix_logps`); False: a full forward per response
+    precision:str='fp32', # 'fp32' or 'bf16' (`matmul_precision`); the loop scores in fp32
     across_processes:bool=False, # under accelerate launch: batches shared across the processes (`sequence_logps`)
 )->dict: # prompt_id -> {"logps": [float]*N, "n_tokens": [int]*N}, in the samples' order
     "Log-probs of every sampled response under `model`, keyed by prompt id."
     msgs, resps, keys = _pairs(prompts, samples)
-    lp, nt = sequence_logps(model, tokenizer, msgs, resps, batch_size, progress, across_processes=across_processes)
+    lp, nt = sequence_logps(model, tokenizer, msgs, resps, batch_size, progress, share_prefix, precision, across_processes)
     out = {s['prompt_id']: {'logps': [], 'n_tokens': []} for s in samples}
     for (pid, _), a, b in zip(keys, lp.tolist(), nt.tolist()): out[pid]['logps'].append(a); out[pid]['n_tokens'].append(b)
     return out

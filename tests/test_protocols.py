@@ -80,11 +80,33 @@ def check_against_hand(model, tok, records, rows):
 def tiny():
     return load_model('tiny')
 
-def test_loglik_tiny_matches_hand_computation(tiny):
+@pytest.mark.parametrize('scorer', ['shared', 'lm-eval'])
+def test_loglik_tiny_matches_hand_computation(tiny, scorer):
     model, tok = tiny
     records = [dict(r) for t in MC for r in load_test_set(t, source='offline', limit=2)]
-    rows = loglik_predictions(model, tok, records, EvalConfig(batch_size=4), progress=False)
+    rows = loglik_predictions(model, tok, records, EvalConfig(batch_size=4, loglik_scorer=scorer), progress=False)
     check_against_hand(model, tok, records, rows)
+
+@pytest.mark.parametrize('bs', [1, 6])
+def test_shared_loglik_equals_lm_eval(tiny, bs):
+    "Each question prefilled once = lm-eval's HFLM: option log-likelihoods to 1e-4, the same acc and acc_norm picks, same row order."
+    model, tok = tiny
+    records = [dict(r) for t in MC for r in load_test_set(t, source='offline', limit=5)]
+    ref = loglik_predictions(model, tok, records, EvalConfig(batch_size=bs, loglik_scorer='lm-eval'), progress=False)
+    own = loglik_predictions(model, tok, records, EvalConfig(batch_size=bs), progress=False)
+    assert [(r['task'], r['id']) for r in own] == [(r['task'], r['id']) for r in ref] and len(own) == 5 * len(MC)
+    assert {len(r['loglik']) for r in own} >= {3, 4}                        # SIQA's 3 options and the others' 4
+    for o, r in zip(own, ref):
+        assert np.abs(np.array(o['loglik']) - r['loglik']).max() < 1e-4, o['id']
+        assert {k: o[k] for k in o if k != 'loglik'} == {k: r[k] for k in r if k != 'loglik'}
+    assert any(r['extracted'] != r['extracted_norm'] for r in own)           # acc_norm's per-character division matters here
+
+def test_loglik_scorer_is_checked():
+    from cream_nb.evaluate import loglik_predictions as lp
+    with pytest.raises(ConfigError, match=r"eval.loglik_scorer = 'vllm' is invalid: allowed one of 'shared', 'lm-eval'"):
+        EvalConfig(loglik_scorer='vllm')
+    class Cfg: batch_size, loglik_scorer = 4, 'fast'
+    with pytest.raises(ValueError, match="eval.loglik_scorer must be 'shared' or 'lm-eval', got 'fast'"): lp(None, None, [], Cfg())
 
 def check_run(res, out, protocol, limit):
     "metrics.json and predictions.jsonl of one evaluation agree with each other and with the intervals."
@@ -152,3 +174,24 @@ def test_accuracy_figure_error_bars():
     lo, hi = proportion_confint(2, 4, method='wilson')
     assert tr['arc_easy'].error_y.array[1] == pytest.approx(hi - 0.5)
     assert tr['average'].error_y.array is None                               # the macro average has no interval
+
+def test_eval_precision(tiny, monkeypatch):
+    "eval.precision: 'auto' is fp32 here (the bench's decision), bf16 runs both scorers alike, no bf16 matmuls stops before any work."
+    import cream_nb.rewards as R
+    model, tok = tiny
+    records = [dict(r) for t in MC for r in load_test_set(t, source='offline', limit=1)]
+    fp32 = loglik_predictions(model, tok, records, EvalConfig(batch_size=4, precision='fp32'), progress=False)
+    assert R.BF16_AUTO['eval.precision'] is False
+    assert loglik_predictions(model, tok, records, EvalConfig(batch_size=4), progress=False) == fp32
+    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': True)             # bf16 autocast runs (emulated) on any CPU
+    own = loglik_predictions(model, tok, records, EvalConfig(batch_size=4, precision='bf16'), progress=False)
+    ref = loglik_predictions(model, tok, records, EvalConfig(batch_size=4, precision='bf16', loglik_scorer='lm-eval'), progress=False)
+    d = [abs(a - b) for o, r in zip(own, ref) for a, b in zip(o['loglik'], r['loglik'])]
+    d32 = [abs(a - b) for o, r in zip(own, fp32) for a, b in zip(o['loglik'], r['loglik'])]
+    assert max(d) < 0.05 and 0 < max(d32) < 0.5
+    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)
+    called = []
+    monkeypatch.setattr('cream_nb.evaluate.generate_predictions', lambda *a, **k: called.append(1) or [])
+    with pytest.raises(RuntimeError, match="eval.precision='bf16' needs bf16 matmul instructions"):
+        evaluate(model, tok, EvalConfig(limit=1, protocol='loglik', precision='bf16'), source='offline', progress=False)
+    assert not called                                                               # stopped before generating GSM8K answers

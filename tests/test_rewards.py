@@ -68,6 +68,43 @@ def test_sequence_logps_equal_naive_to_1e5(tiny64, bs):
     assert nt.tolist() == [b for _, b in want]
     assert nt.tolist()[2] == 1                              # the empty response still scores its end-of-turn token
 
+# ---- each prompt once: the shared prefix ------------------------------------------------------------
+@pytest.mark.parametrize('bs', [1, 4, 7, 12])
+def test_shared_prefix_equals_naive_float64(tiny64, bs):
+    "Groups of 1 to 3 continuations of 1 to 9 tokens after prefixes of 1 to 6 tokens, against each sequence alone."
+    model, tok = tiny64
+    pre = [[5, 6, 7, 8, 9, 10], [11], [13, 14, 15, 16]]
+    conts = [[[20, 21, 22], [23], [24, 25, 26, 27, 28, 29, 30, 31, 32]], [[40, 41]], [[50], [51, 52], [53, 54, 55, 56]]]
+    got = R.shared_prefix_logps(model, pre, conts, tok.pad_token_id, batch_size=bs)
+    for p, cs, g in zip(pre, conts, got):
+        for c, v in zip(cs, g.tolist()):
+            x = torch.tensor([p + c])
+            with torch.no_grad(): lp = model(x).logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+            assert abs(lp[len(p) - 1:].sum().item() - v) < 1e-9
+
+@pytest.mark.parametrize('which', ['plain', 'm1', 'm2'])
+@pytest.mark.parametrize('bs', [2, 5, 12])
+def test_shared_prefix_scoring_equals_plain_batched_forward_fp32(tiny, adapters, which, bs):
+    "score_samples' default (each prompt once) = the plain batched forward to 1e-4 in fp32, plain model and LoRA adapters."
+    model, tok = tiny
+    m = model if which == 'plain' else adapters
+    import contextlib
+    with (use_model(adapters, which) if which != 'plain' else contextlib.nullcontext()):
+        assert next(m.parameters()).dtype == torch.float32
+        shared = R.score_samples(m, tok, PROMPTS, SAMPLES, batch_size=bs)
+        plain = R.score_samples(m, tok, PROMPTS, SAMPLES, batch_size=bs, share_prefix=False)
+    assert list(shared) == list(plain)
+    for pid in plain:
+        assert shared[pid]['n_tokens'] == plain[pid]['n_tokens']
+        assert max(abs(a - b) for a, b in zip(shared[pid]['logps'], plain[pid]['logps'])) < 1e-4
+    assert len({len(r) for s in SAMPLES for r in s['responses']}) > 5       # responses of many lengths
+
+def test_shared_prefix_bad_input(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match='2 prefixes but 1 continuation lists'): R.shared_prefix_logps(model, [[1], [2]], [[[3]]], 0)
+    with pytest.raises(ValueError, match='group 0: the prefix and every continuation need at least one token'):
+        R.shared_prefix_logps(model, [[1]], [[[3], []]], 0)
+
 def test_sequence_logps_float32_multi_turn_and_records(tiny):
     model, tok = tiny
     conv = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
@@ -113,8 +150,8 @@ def _count(model):
 @pytest.mark.parametrize('t, models', [(1, ['m1', 'm0']), (2, ['m2', 'm1', 'm0']), (3, ['m3', 'm2', 'm1'])])
 def test_each_model_scored_once_per_iteration(adapters, tiny, tmp_path, t, models):
     _, tok = tiny
-    bs = 5
-    B = math.ceil(sum(len(s['responses']) for s in SAMPLES) / bs)              # 12 responses -> 3 batches per model
+    bs = 6                                                                     # whole prompts per batch: 4 prompts x 3 responses
+    B = 2 * math.ceil(sum(len(s['responses']) for s in SAMPLES) / bs)          # -> 2 batches per model, each a prefill + a pass over the responses
     calls, hook = _count(adapters)
     try:
         out = R.iteration_logps(adapters, tok, t, PROMPTS, SAMPLES, tmp_path, batch_size=bs)
@@ -144,9 +181,9 @@ def test_stale_logps_file_is_recomputed(adapters, tiny, tmp_path):
     try:
         resampled = [dict(SAMPLES[0], responses=['Other', 'texts', 'now'])] + SAMPLES[1:]
         R.iteration_logps(adapters, tok, 1, PROMPTS, resampled, tmp_path, batch_size=12)
-        assert len(calls) == 2
+        assert len(calls) == 2 * 2                                             # 2 models, one batch each: prefill + responses
         R.iteration_logps(adapters, tok, 1, PROMPTS, SAMPLES[:2], tmp_path, batch_size=12)     # fewer prompts
-        assert len(calls) == 4
+        assert len(calls) == 4 * 2
     finally: hook.remove()
 
 def test_iteration_logps_with_a_custom_switch(tiny, tmp_path):
@@ -273,3 +310,39 @@ def test_sequence_logps_left_padding_with_absolute_positions(tiny):
     want = [naive(model, tok, m, r) for m, r in zip(msgs, resps)]
     assert torch.allclose(lp, torch.tensor([a for a, _ in want], dtype=torch.float64), atol=1e-5, rtol=0)
     assert nt.tolist() == [b for _, b in want]
+
+# ---- precision -----------------------------------------------------------------------------------------
+def test_resolve_precision(monkeypatch):
+    assert R.resolve_precision('eval.precision', 'fp32') == 'fp32'
+    assert R.resolve_precision('eval.precision', 'auto') == ('bf16' if R.bf16_matmuls() and R.BF16_AUTO['eval.precision'] else 'fp32')
+    with pytest.raises(ValueError, match="reward.precision must be one of 'fp32', 'bf16', 'auto', got 'fp16'"):
+        R.resolve_precision('reward.precision', 'fp16')
+    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)        # a machine without bf16 matmuls
+    assert R.resolve_precision('eval.precision', 'auto') == 'fp32'
+    with pytest.raises(RuntimeError, match=r"^eval.precision='bf16' needs bf16 matmul instructions .* set eval.precision to 'fp32' or 'auto'$"):
+        R.resolve_precision('eval.precision', 'bf16')
+    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': True)
+    monkeypatch.setitem(R.BF16_AUTO, 'eval.precision', True)
+    assert R.resolve_precision('eval.precision', 'auto') == 'bf16'
+    monkeypatch.setitem(R.BF16_AUTO, 'eval.precision', False)
+    assert R.resolve_precision('eval.precision', 'auto') == 'fp32'
+
+@pytest.mark.parametrize('share', [True, False])
+def test_bf16_scoring_equals_naive_bf16_forward(adapters, tiny, share):
+    "bf16 matmuls with fp32 logits: both scoring paths = one unpadded forward under matmul_precision, and the head stays fp32."
+    _, tok = tiny
+    msgs = [p['messages'] for s in SAMPLES for p in PROMPTS if p['id'] == s['prompt_id'] for _ in s['responses']]
+    resps = [r for s in SAMPLES for r in s['responses']]
+    with use_model(adapters, 'm2'):
+        want = []
+        for m, r in zip(msgs, resps):
+            ids, n = R.build_sequence(tok, m, r); x = torch.tensor([ids])
+            with torch.no_grad(), R.matmul_precision(adapters, 'bf16'):
+                logits = adapters(x).logits
+                assert logits.dtype == torch.float32
+                want.append(logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0][n - 1:].double().sum().item())
+        got, _ = R.sequence_logps(adapters, tok, msgs, resps, batch_size=5, share_prefix=share, precision='bf16')
+        fp32, _ = R.sequence_logps(adapters, tok, msgs, resps, batch_size=5)
+    assert (got - torch.tensor(want, dtype=torch.float64)).abs().max() < 0.1        # bf16 matmuls of other shapes
+    assert 0 < (got - fp32).abs().max() < 1.0                                       # bf16 really ran, and moved little
+    assert 'forward' not in vars(adapters.get_output_embeddings())                 # the head is restored
