@@ -138,7 +138,7 @@ def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable
         barrier()   # no process reads this stage's outputs before they are complete
     return result
 
-# %% ../nbs/10_loop.ipynb #92242e52
+# %% ../nbs/10_loop.ipynb #059d4904
 def _as_config(config) -> CreamConfig:
     if isinstance(config, CreamConfig): return config
     if isinstance(config, dict): return config_from_dict(config)
@@ -149,7 +149,8 @@ def _as_config(config) -> CreamConfig:
 NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the value that behaves as before the field existed
                     'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None,
                     'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto', 'sampling.tensor_parallel_size': 1,
-                    'reward.judge_scoring': 'generate', 'eval.loglik_scorer': 'shared', 'eval.precision': 'auto'}
+                    'reward.judge_scoring': 'generate', 'eval.loglik_scorer': 'shared', 'eval.precision': 'auto',
+                    'reward.precision': 'auto'}
 UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps'}   # how often a stage checkpoints changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:
@@ -284,7 +285,17 @@ def launch_problem(cfg:CreamConfig) -> str|None:
                 f"(data.prompts_per_iteration): launch at most {cfg.data.prompts_per_iteration} processes, or give each iteration more prompts")
     return None
 
-# %% ../nbs/10_loop.ipynb #0b8911e5
+# %% ../nbs/10_loop.ipynb #7e271e3a
+@patch
+def precision(self:CreamRun, switch:str) -> str:
+    "'fp32' or 'bf16': what `switch` ('reward.precision', 'eval.precision') means on this machine (`cream_nb.rewards.resolve_precision`)."
+    import torch
+    from cream_nb.rewards import resolve_precision
+    section, field = switch.split('.')
+    try: return resolve_precision(switch, getattr(getattr(self.cfg, section), field), 'cuda' if torch.cuda.is_available() else 'cpu')
+    except (RuntimeError, ValueError) as e: raise ConfigError(str(e)) from None
+
+# %% ../nbs/10_loop.ipynb #198a5995
 @patch
 def check(self:CreamRun):
     "Everything that can be found wrong before a write: model name, data, registry, and each finished stage."
@@ -293,6 +304,7 @@ def check(self:CreamRun):
         try: _check_local(self.cfg.model.name)
         except FileNotFoundError as e: raise ConfigError(f"model.name: {e}") from None
     if why := launch_problem(self.cfg): raise ConfigError(why)
+    for switch in ('reward.precision', 'eval.precision'): self.precision(switch)   # bf16 without bf16 matmuls stops here
     if self.cfg.data.seed_file: self.seed_records()
     self.prompt_subsets()
     if not self.force: self.registry
@@ -560,23 +572,26 @@ def sample(self:Iteration) -> list[dict]:
         return samples
     return self._stage('sample', fp, conf, [self.dir/'samples.jsonl'], make, self._checked_samples)
 
-# %% ../nbs/10_loop.ipynb #c40493b6
+# %% ../nbs/10_loop.ipynb #025256a3
 @patch
 def _logps(self:Iteration, name:str) -> dict:
     "Log-probs of checkpoint `name` on this iteration's samples: a stage keyed by the samples' and the checkpoint's fingerprints."
     from cream_nb import rewards as R
     path = self.dir/f'logps_{name}.jsonl'
+    prec = self.run.precision('reward.precision')
     def make():   # every process scores its share of the batches (cream_nb.processes); the main one writes
         samples = self.samples()
         with self.run.model(name) as m:
-            out = R.score_samples(m, self.run.tokenizer, self.prompts(), samples, self.cfg.reward.batch_size, self.run.progress, across_processes=True)
+            out = R.score_samples(m, self.run.tokenizer, self.prompts(), samples, self.cfg.reward.batch_size, self.run.progress,
+                                  precision=prec, across_processes=True)
         R._write_logps(path, out, samples)
         return out
     def load():
         res = R._cached_logps(path, self.samples())
         if res is None: raise ArtifactError(f"{path} does not match {self.dir/'samples.jsonl'}; rerun with --force to score again")
         return res
-    return self._stage(f'logps_{name}', fingerprint('logps', self.fp('sample'), self.run.fp_model(name)), {}, [path], make, load)
+    fp = fingerprint('logps', self.fp('sample'), self.run.fp_model(name), *(['bf16'] if prec == 'bf16' else []))   # fp32: as before
+    return self._stage(f'logps_{name}', fp, {}, [path], make, load)
 
 # %% ../nbs/10_loop.ipynb #a8a68451
 @patch

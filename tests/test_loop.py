@@ -145,3 +145,15 @@ def test_bad_cli_input(tmp_path):
                       (['--set', 'dpo.betta=1'], "unknown field 'betta'")]:
         r = subprocess.run(CREAM + ['run', '--run-dir', str(tmp_path/'x')] + args, capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+
+def test_bf16_without_bf16_matmuls_stops_before_any_work(tmp_path, monkeypatch):
+    "An explicit reward.precision / eval.precision of bf16 on a machine without bf16 matmuls: one ConfigError naming the switch."
+    import cream_nb.rewards as R
+    from cream_nb.config import ConfigError, apply_overrides, preset
+    from cream_nb.loop import CreamRun
+    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)
+    for switch in ('reward.precision', 'eval.precision'):
+        run = CreamRun(apply_overrides(preset('tiny'), [f'{switch}="bf16"']), tmp_path/switch, progress=False)
+        with pytest.raises(ConfigError, match=rf"{switch}='bf16' needs bf16 matmul instructions"): run.run()
+        assert not (tmp_path/switch/'config.json').exists()
+    assert CreamRun(preset('tiny'), tmp_path/'auto', progress=False).precision('reward.precision') == 'fp32'
