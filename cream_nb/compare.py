@@ -49,7 +49,7 @@ def method_config(cfg:CreamConfig, name:str) -> CreamConfig:
     m, ov = comparison_methods()[name]
     return apply_overrides(cfg, list(ov) + ([f'loop.method="{m}"'] if m else []))
 
-# %% ../nbs/13_compare.ipynb #eb96322d
+# %% ../nbs/13_compare.ipynb #52ad9a7e
 _NOT_OUTPUTS = ('stages.jsonl', 'checkpoints.json', 'config.json', 'summary.json', 'report.html', 'compare')
 
 def _link_tree(src:Path, dst:Path):
@@ -70,6 +70,9 @@ class StageCache:
                  registry=None): # the current run's CheckpointRegistry (restored checkpoints are registered through it)
         self.root, self.registry, self._before = Path(root), registry, {}
     def entry(self, name:str, fp:str) -> Path: return self.root/f"{name.replace('/', '-')}-{fp}"
+    def follow(self):
+        "On a process that did not restore a stage itself (accelerate launch): pick up the checkpoints the restore registered."
+        if self.registry is not None: self.registry.reload()
     def __repr__(self): return f"StageCache({self.root}, {len(list(self.root.glob('*/entry.json'))) if self.root.exists() else 0} stages)"
 
 # %% ../nbs/13_compare.ipynb #0b5f94e1

@@ -63,7 +63,7 @@ class StageLog:
             except json.JSONDecodeError: pass  # a line cut short by a kill: the log is advisory, markers are the truth
         return out
 
-# %% ../nbs/10_loop.ipynb #ebe85be8
+# %% ../nbs/10_loop.ipynb #04f45bc3
 STAGE_CACHE = contextvars.ContextVar('STAGE_CACHE', default=None)  # a cache of finished stages by fingerprint (cream_nb.compare)
 class _Redo(Exception):
     "Raised by a dry pass (`CreamRun.check`) at the first stage that would run: what follows it cannot be checked yet."
@@ -127,6 +127,7 @@ def run_stage(name:str, marker:Path, fp:str, cfg:dict, outputs:list, fn:Callable
         cache = STAGE_CACHE.get()   # another run already made this fingerprint: link its outputs in instead of running
         if cache is not None and from_writer(writer and cache.restore(name, marker, fp, cfg, log)):
             barrier()
+            if not writer: cache.follow()   # the checkpoints the main process registered while restoring
             return load() if load else None
         log.add(name, 'start')
         t0 = time.time()

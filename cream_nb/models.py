@@ -300,7 +300,7 @@ def load_adapter(
     else: model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
     return model.train(training)
 
-# %% ../nbs/02_models.ipynb #f36934e0
+# %% ../nbs/02_models.ipynb #9359fedb
 class CheckpointNotFound(KeyError):
     "A checkpoint name that is not registered; the message lists those that are."
     def __str__(self): return str(self.args[0])
@@ -308,8 +308,12 @@ class CheckpointNotFound(KeyError):
 class CheckpointRegistry:
     "Model name -> {path, reference}, persisted atomically in `run_dir/checkpoints.json`."
     def __init__(self, run_dir):
-        from cream_nb.io import read_json
         self.run_dir = Path(run_dir); self.file = self.run_dir/'checkpoints.json'
+        self.reload()
+
+    def reload(self):
+        "Read checkpoints.json again (another process registered checkpoints: the main one under accelerate launch)."
+        from cream_nb.io import read_json
         self._d = read_json(self.file) if self.file.exists() else {}
         for k, v in self._d.items():
             if not isinstance(v, dict) or not isinstance(v.get('path'), str) or not (v.get('reference') is None or isinstance(v['reference'], str)):
