@@ -10,10 +10,16 @@ from scipy.stats import kendalltau, spearmanr
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
-from cream_nb import compare as C
-from cream_nb.config import preset, save_config
-from cream_nb.io import write_json, write_jsonl, save_dataset, read_json
-from cream_nb.loop import CreamRun, StageLog, load_config
+from cream_nb.reporting import tables as C
+from cream_nb.core.config import preset, save_config
+from cream_nb.core.artifacts import write_json, write_jsonl, save_dataset, read_json
+from cream_nb.runs.run import CreamRun
+from cream_nb.runs.stage import StageLog
+from cream_nb.core.config import load_config
+from cream_nb.reporting import prompts as prompts_
+from cream_nb.reporting import figures as figures_
+from cream_nb.runs import compare as compare_
+from cream_nb.reporting import widgets as widgets_
 
 # ---------------------------------------------------------------- hand-made comparison directories
 
@@ -125,7 +131,7 @@ def _starts(root:Path) -> dict:
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp('tinycmp')/'cmp'
-    tab = C.compare('tiny', ['m1', 'dpo', 'cream-avg'], root)
+    tab = compare_.compare('tiny', ['m1', 'dpo', 'cream-avg'], root)
     return root, tab
 
 @pytest.mark.slow
@@ -167,7 +173,7 @@ def test_method_dirs_are_normal_resumable_runs_and_methods_add_later(tiny, capsy
 @pytest.mark.slow
 def test_pair_chooser_getters(tiny):
     root, _ = tiny
-    pc = C.PairChooser(root)
+    pc = widgets_.PairChooser(root)
     rows = {r['method']: r for r in pc.rows()}    # (the test above may have added methods)
     assert {'dpo', 'cream-avg'} <= set(rows) and list(rows) == [m for m in C.compare_dirs(root) if m in rows]
     assert rows['dpo']['responses'] == rows['cream-avg']['responses']          # iteration 1: the same shared samples
@@ -175,9 +181,9 @@ def test_pair_chooser_getters(tiny):
         if r['chosen'] is not None: assert r['ranks'][r['chosen']] == 1 and r['ranks'][r['rejected']] == max(r['ranks'])
     assert rows['cream-avg']['C_train'] == 'avg' and rows['dpo']['C_train'] == 1.0
     pc.iteration.value = 2
-    assert pc.prompt.value in C.shared_prompts(root, 2) and '<b>dpo</b>' in pc.view.value
+    assert pc.prompt.value in prompts_.shared_prompts(root, 2) and '<b>dpo</b>' in pc.view.value
 
-# ---------------------------------------------------------------- the statistics the tables state (cream_nb.stats in place)
+# ---------------------------------------------------------------- the statistics the tables state (cream_nb.core.stats in place)
 
 def test_consistency_intervals_tests_and_mdd(hand):
     "Per-prompt values, bootstrap interval (scipy's percentile bootstrap), permutation p (scipy) and MDD (statsmodels' t-test power)."
@@ -227,7 +233,7 @@ def test_mcnemar_per_task_and_mdd(hand):
         assert (g['n'], g['a_only'], g['b_only']) == (12, table[0][1], table[1][0])
         assert g['p_value'] == pytest.approx(mcnemar(table, exact=True).pvalue, abs=1e-12)
     psi = (got['a_only'] + got['b_only']) / got['n']
-    from cream_nb.stats import connor_n
+    from cream_nb.core.stats import connor_n
     if got['mdd'] is None: assert connor_n(psi, psi) > 24          # even delta = psi would need more than 24 questions
     else: assert connor_n(got['mdd'], psi) == pytest.approx(24)    # Connor's n at the reported MDD is the study's n
     assert 'arc_easy' in C.tests_text(tab) and 'Connor 1987' in C.tests_text(tab)
@@ -256,4 +262,4 @@ def test_statistics_from_the_committed_comparison():
     assert 'Consistency against cream-avg' in text and 'mdd >3' in text and 'Self-reward accuracy vs gold' in text
     main, against = C.consistency_text(tab).split('\n\n')                # the note stays with the table it explains
     assert main.endswith('M_t is M_{t-1} unchanged, trained on no pairs') and against.startswith('Consistency against cream-avg')
-    assert len(C.consistency_distribution_figure(tab).data) == 0 and len(C.compare_figures(tab)) == 3
+    assert len(figures_.consistency_distribution_figure(tab).data) == 0 and len(figures_.compare_figures(tab)) == 3

@@ -2,8 +2,7 @@
 import json
 import pytest
 
-from cream_nb.config import (CreamConfig, ConfigError, PRESETS, TASKS, preset, apply_overrides, config_from_dict,
-                             save_config, load_config, describe)
+from cream_nb.core.config import CreamConfig, ConfigError, PRESETS, TASKS, preset, apply_overrides, config_from_dict, save_config, load_config, describe
 
 
 def test_defaults_are_the_papers():

@@ -1,9 +1,9 @@
-"""cream_nb.consistency against scipy.stats, the top-order definition, constant vectors, bad shapes, id alignment."""
+"""cream_nb.stages.consistency against scipy.stats, the top-order definition, constant vectors, bad shapes, id alignment."""
 import numpy as np, pytest, torch
 from hypothesis import given, settings, strategies as st
 from scipy.stats import kendalltau, spearmanr
-from cream_nb.consistency import (consistency_rate, consistency_rate_rows, consistency_rates, consistency_report,
-                                  consistency_summary, kendall_tau_b, set_consistency, spearman_rho, top_order_agreement)
+from cream_nb.stages.consistency import consistency_rate, consistency_rate_rows, consistency_rates, consistency_report, consistency_summary, set_consistency
+from cream_nb.core.stats import kendall_tau_b, spearman_rho, top_order_agreement
 
 SCIPY = {'kendall': lambda a, b: kendalltau(a, b).statistic, 'spearman': lambda a, b: spearmanr(a, b).statistic}
 
@@ -223,8 +223,9 @@ def paper_m0_label_counts(tokenizer, messages:list, responses:list) -> list:
     return (labels[:, 1:] != tokenizer.pad_token_id).sum(-1).tolist()
 
 def test_paper_m0_counts_equal_the_papers_collator():
-    from cream_nb.models import load_tokenizer, embedded_tokenizer_dir
-    from cream_nb.rewards import paper_label_counts, build_sequence
+    from cream_nb.models.loading import load_tokenizer, embedded_tokenizer_dir
+    from cream_nb.stages.rewards import paper_label_counts
+    from cream_nb.models.logprobs import build_sequence
     tok = load_tokenizer(embedded_tokenizer_dir())
     tok.padding_side = 'left'
     msgs = [{'role': 'user', 'content': 'Which is heavier, a kilo of iron or a kilo of feathers?'}]
@@ -237,10 +238,10 @@ def test_paper_m0_counts_equal_the_papers_collator():
 @pytest.mark.slow
 def test_paper_code_through_the_loop(tmp_path):
     "A tiny run with consistency.paper_code: M0's reward over the paper's label count, ordinal ranks, C over paired prompts."
-    from cream_nb.config import apply_overrides, preset
-    from cream_nb.io import read_json, read_jsonl
-    from cream_nb.loop import CreamRun
-    from cream_nb.rewards import paper_label_counts
+    from cream_nb.core.config import apply_overrides, preset
+    from cream_nb.core.artifacts import read_json, read_jsonl
+    from cream_nb.runs.run import CreamRun
+    from cream_nb.stages.rewards import paper_label_counts
     run = CreamRun(apply_overrides(preset('tiny'), ['consistency.paper_code=true']), tmp_path/'run', progress=False)
     run.sft(); it = run.iteration(1)
     it.sample(); it.score(); cons = it.consistency(); pairs = it.pairs()

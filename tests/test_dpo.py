@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from datasets import Dataset
-from cream_nb.config import DPOConfig, ModelConfig, SamplingConfig
-from cream_nb.dpo import CreamDPOCollator, cream_loss, pair_consistency, policy_logps, tokenize_pairs, train_dpo, dropout_off
+from cream_nb.core.config import DPOConfig, ModelConfig, SamplingConfig
+from cream_nb.stages.dpo import CreamDPOCollator, cream_loss, pair_consistency, policy_logps, tokenize_pairs, train_dpo, dropout_off
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -100,7 +100,7 @@ def test_pair_consistency_modes():
 
 @pytest.fixture(scope='module')
 def tiny():
-    from cream_nb.models import load_model
+    from cream_nb.models.loading import load_model
     return load_model('tiny')
 
 def _toy_pairs(**over):
@@ -119,7 +119,7 @@ def test_tokenize_pairs_errors_name_the_row(tiny):
 
 def test_collated_logps_equal_sequence_logps(tiny):
     "The trainer's log-probs are computed like rewarding's (left padding, position ids, logits_to_keep)."
-    from cream_nb.rewards import sequence_logps
+    from cream_nb.models.logprobs import sequence_logps
     model, tok = tiny
     prompts = [[{'role': 'user', 'content': q}] for q in ('What is 1 + 1?', 'A much longer question about colours and shapes?')]
     ds = Dataset.from_dict(dict(prompt_id=['x', 'y'], prompt=prompts, chosen=['Two.', 'Red circles and blue squares, mostly.'],
@@ -137,11 +137,11 @@ QUESTIONS = ['What is 2 + 2?', 'Name a primary colour.', 'Why is the sky blue?',
 
 def core_stage_pairs(tmp_path):
     "M1 (a LoRA adapter with random weights on the tiny model) samples, M1 and M0 score, rates and pairs as the loop makes them."
-    from cream_nb.consistency import consistency_rates
-    from cream_nb.models import add_adapter, load_model, use_model
-    from cream_nb.preferences import preference_pairs
-    from cream_nb.rewards import iteration_logps, iteration_rewards
-    from cream_nb.sampling import sample_responses
+    from cream_nb.stages.consistency import consistency_rates
+    from cream_nb.models.loading import add_adapter, load_model, use_model
+    from cream_nb.stages.preferences import preference_pairs
+    from cream_nb.stages.rewards import iteration_logps, iteration_rewards
+    from cream_nb.stages.sampling import sample_responses
     model, tok = load_model('tiny')
     mcfg = ModelConfig(lora_r=8, lora_alpha=16)
     pm = add_adapter(model, 'm1', mcfg)

@@ -1,13 +1,12 @@
-"The generation engine (cream_nb.engine): exact greedy decoding, sampled distributions, seeds, LoRA left as it was."
+"The generation engine (cream_nb.models.engine): exact greedy decoding, sampled distributions, seeds, LoRA left as it was."
 import ast, contextlib, re
 from pathlib import Path
 import pytest, torch
 
-from cream_nb.config import ConfigError, ModelConfig, SamplingConfig
-from cream_nb.engine import (GenParams, HFEngine, Engine, chat_prompt_ids, decode, decode_responses, end_token_ids,
-                             make_engine, next_tokens, nucleus_keep, resolve_engine_kind, _keep_sorted)
-from cream_nb.models import add_adapter, load_model, use_model
-from cream_nb.sampling import generation_config
+from cream_nb.core.config import ConfigError, ModelConfig, SamplingConfig
+from cream_nb.models.engine import GenParams, HFEngine, Engine, chat_prompt_ids, decode, decode_responses, end_token_ids, make_engine, next_tokens, nucleus_keep, resolve_engine_kind, _keep_sorted
+from cream_nb.models.loading import add_adapter, load_model, use_model
+from cream_nb.stages.sampling import generation_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ['Name a colour.', 'What is the capital of France, the country in Europe west of Germany?', 'Hi',
@@ -221,12 +220,12 @@ def test_library_generates_only_through_engines():
                 if not re.fullmatch(r'(self|engine|eng|self\.engine|self\.run\.engine|run\.engine|Engine)', recv) and not \
                    (f.name == 'vllm_engine.py' and re.search(r'llm$', recv)):
                     bad.append(f"{f.name}:{node.lineno}: {recv}.generate(...)")
-    assert not bad, "generation must go through cream_nb.engine: " + '; '.join(bad)
+    assert not bad, "generation must go through cream_nb.models.engine: " + '; '.join(bad)
 
 
 def test_copy_runs_its_own_forward_after_a_trainer_wrapped_it(lora):
     "accelerate leaves `model.forward` wrapped as an instance attribute; the generation copy must not call the original."
-    from cream_nb.engine import generation_copy
+    from cream_nb.models.engine import generation_copy
     pm, tok = lora
     base = pm.get_base_model()
     orig, calls = base.forward, []

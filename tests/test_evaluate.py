@@ -1,4 +1,4 @@
-"Answer extraction, matching, accuracy tables and reward diagnostics (cream_nb.evaluate)."
+"Answer extraction, matching, accuracy tables and reward diagnostics (cream_nb.stages.evaluate)."
 import json, re
 from pathlib import Path
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scipy.stats import mannwhitneyu
 
-from cream_nb.evaluate import (extract_answer, answers_match, accuracy_table, correctness, reward_accuracy,
-                               iteration_reward_accuracy, EXTRACT_TASKS, MC_LABELS)
-from cream_nb.io import write_jsonl
+from cream_nb.data.answers import extract_answer, answers_match, correctness, EXTRACT_TASKS, MC_LABELS
+from cream_nb.stages.evaluate import accuracy_table, reward_accuracy, iteration_reward_accuracy
+from cream_nb.core.artifacts import write_jsonl
 
 DIGITS = ['1', '2', '3', '4']
 

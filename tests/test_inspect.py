@@ -1,4 +1,4 @@
-"""The inspectors (cream_nb.inspect) on a real tiny run and on hand-made run directories.
+"""The inspectors (cream_nb.reporting.widgets) on a real tiny run and on hand-made run directories.
 
 The tiny run (the session fixture `tiny_run`, made by the `cream` command) checks that what the inspectors
 show is what the stages wrote. Its model has random weights, so no response is ever right: the filters on
@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 from scipy.stats import kendalltau
 
-from cream_nb.config import preset, save_config
-from cream_nb.consistency import consistency_summary
-from cream_nb.data import prompt_record
-from cream_nb.evaluate import correctness, extract_answer
-from cream_nb.io import ArtifactError, read_json, read_jsonl, write_json, write_jsonl, load_dataset_dir
-from cream_nb.preferences import preference_pairs
-from cream_nb import inspect as I
+from cream_nb.core.config import preset, save_config
+from cream_nb.stages.consistency import consistency_summary
+from cream_nb.data.records import prompt_record
+from cream_nb.data.answers import correctness, extract_answer
+from cream_nb.core.artifacts import ArtifactError, read_json, read_jsonl, write_json, write_jsonl, load_dataset_dir
+from cream_nb.stages.preferences import preference_pairs
+from cream_nb.reporting import prompts as I
+from cream_nb.reporting import figures as figures_
+from cream_nb.reporting import widgets as widgets_
 
 
 def hand_ranks(rewards):
@@ -74,7 +76,7 @@ def test_discordant_pairs_give_the_kendall_rate(run):
             D = len(I.discordant_pairs(cur, prev))
             assert D == round(P * (1 - tau) / 2)
             assert row['c_x'] == pytest.approx((tau + 1) / 2, abs=1e-12)
-            fig = I.slope_figure(v)
+            fig = figures_.slope_figure(v)
             assert [list(tr.y) for tr in fig.data] == [[r['previous_rank'], r['rank']] for r in v['responses']]
             assert f"{D} of {P} pairs discordant" in fig.layout.title.text
 
@@ -95,7 +97,7 @@ def test_table_and_filters_on_the_tiny_run(run):
 
 @pytest.mark.slow
 def test_inspector_and_dashboard_on_the_tiny_run(run):
-    dash = I.Dashboard(run)
+    dash = widgets_.Dashboard(run)
     ins = dash.inspector
     hist = dash.figures['Consistency rate per prompt']
     assert [tr.meta for tr in hist.data] == [1, 2]
@@ -110,7 +112,7 @@ def test_inspector_and_dashboard_on_the_tiny_run(run):
     assert f'data-prompt-id="{ids[1]}"' in ins.cards.value and ins.cards.value.count('class="cream-response"') == 4
     # a click on iteration 2's fullest bar lists that bar's prompts
     k = max(range(10), key=lambda i: hist.data[1].y[i])
-    hist._js2py_pointsCallback = I.click_message(1, k)
+    hist._js2py_pointsCallback = widgets_.click_message(1, k)
     a, b = hist.data[1].customdata[k]
     assert ins.iteration.value == 2 and ins.filters['c_range'] == (a, b)
     assert ins.prompt_ids() == [r['id'] for r in I.prompt_table(run, 2) if a <= r['c_x'] < b or (b == 1 and r['c_x'] == 1)]
@@ -151,7 +153,7 @@ def write_iteration(run_dir, t=1, known=KNOWN, method='cream', stages=('rewards'
         write_json({'method': 'kendall', 'per_prompt': rates, 'set': sum(rates.values()) / len(rates) if rates else None,
                     'summary': consistency_summary(rates) if rates else None, 'training': 'dyn'}, d/'consistency.json')
     if 'pairs' in stages:
-        from cream_nb.io import save_dataset
+        from cream_nb.core.artifacts import save_dataset
         ds, stats = preference_pairs(prompts, samples, {p['id']: cur for p, _, cur, *_ in known}, rates=rates or None)
         save_dataset(ds, d/'pairs'); write_json(stats, d/'pairs_stats.json')
     return Path(run_dir)
@@ -210,7 +212,7 @@ def test_filters_select_the_right_prompts(hand):
     assert [len(I.filter_prompts(table, c_range=b)) for b in bins(hist)] == hist['counts']
 
 def test_inspector_navigation_and_filters(hand):
-    ins = I.PromptInspector(hand)
+    ins = widgets_.PromptInspector(hand)
     assert ins.prompt_ids() == IDS and ins.current()['id'] == IDS[0]
     assert ins.prev_button.disabled and not ins.next_button.disabled
     for k in range(1, 5):
@@ -238,13 +240,13 @@ def test_inspector_navigation_and_filters(hand):
 
 def test_click_on_a_histogram_bar_filters_the_inspector(hand):
     write_iteration(hand, t=2, known=KNOWN[::-1])
-    dash = I.Dashboard(hand)
+    dash = widgets_.Dashboard(hand)
     hist = dash.figures['Consistency rate per prompt']
     assert [tr.meta for tr in hist.data] == [1, 2]
     assert list(hist.data[0].y) == [1, 0, 0, 0, 0, 2, 1, 0, 0, 1]
-    hist._js2py_pointsCallback = I.click_message(1, 5)    # iteration 2, bin [0.5, 0.6)
+    hist._js2py_pointsCallback = widgets_.click_message(1, 5)    # iteration 2, bin [0.5, 0.6)
     assert dash.inspector.iteration.value == 2 and dash.inspector.prompt_ids() == [IDS[4], IDS[0]]
-    hist._js2py_pointsCallback = I.click_message(0, 9)    # iteration 1, bin [0.9, 1.0]
+    hist._js2py_pointsCallback = widgets_.click_message(0, 9)    # iteration 1, bin [0.9, 1.0]
     assert dash.inspector.iteration.value == 1 and dash.inspector.prompt_ids() == [IDS[2]]
     assert dash.inspector.current()['id'] == IDS[2]
     assert dash.out.outputs == () and dash.inspector.out.outputs == ()
@@ -254,11 +256,11 @@ def test_method_without_previous_ranking(tmp_path):
     v = I.prompt_view(run, 1, IDS[0])
     assert v['reward_names'] == ('M1 judge score', None) and v['c_x'] is None
     assert [r['previous_rank'] for r in v['responses']] == [None] * 4 and [r['rank'] for r in v['responses']] == [2, 1, 2, 4]
-    fig = I.slope_figure(v)
+    fig = figures_.slope_figure(v)
     assert len(fig.data) == 0 and fig.layout.title.text == 'No previous ranking (M1 judge score)'
     table = I.prompt_table(run, 1)
     assert I.filter_prompts(table, c_range=(0.0, 1.0)) == [] and len(I.filter_prompts(table)) == 5
-    ins = I.PromptInspector(run)
+    ins = widgets_.PromptInspector(run)
     assert len(ins.ranks.widget.data) == 0 and 'M1 judge score: 2.000 (rank 1)' in ins.cards.value
 
 def test_run_in_progress_is_read_again(tmp_path):
@@ -266,7 +268,7 @@ def test_run_in_progress_is_read_again(tmp_path):
     table = I.prompt_table(run, 1)
     assert [(r['c_x'], r['chosen'], r['disagrees']) for r in table] == [(None, None, None)] * 5
     assert [r['rank'] for r in I.prompt_view(run, 1, IDS[0])['responses']] == [None] * 4
-    dash = I.Dashboard(run)
+    dash = widgets_.Dashboard(run)
     assert len(dash.figures['Consistency rate per prompt'].data) == 0 and dash.inspector.prompt_ids() == IDS
     write_iteration(run)                                        # the score, consistency and pairs stages finish
     dash.refresh_button.click()
@@ -278,16 +280,16 @@ def test_errors_name_the_file(hand, tmp_path):
     with pytest.raises(KeyError, match=r"prompt 'nope' is not in .*iter1/prompts.jsonl"): I.prompt_view(hand, 1, 'nope')
     with pytest.raises(ArtifactError, match=r"iter2/prompts.jsonl is missing: iteration 2 has not started \(iterations present: \[1\]\)"):
         I.prompt_table(hand, 2)
-    with pytest.raises(ValueError, match=r"iteration 3 is not in .*: iterations present are \[1\]"): I.PromptInspector(hand, t=3)
-    with pytest.raises(KeyError, match=r"prompt 'nope' is not in .*iter1/prompts.jsonl"): I.PromptInspector(hand, t=1, prompt_id='nope')
-    assert I.PromptInspector(hand, prompt_id=IDS[3]).current()['id'] == IDS[3]
-    with pytest.raises(ArtifactError, match='has no iteration with prompts yet'): I.PromptInspector(tmp_path)
+    with pytest.raises(ValueError, match=r"iteration 3 is not in .*: iterations present are \[1\]"): widgets_.PromptInspector(hand, t=3)
+    with pytest.raises(KeyError, match=r"prompt 'nope' is not in .*iter1/prompts.jsonl"): widgets_.PromptInspector(hand, t=1, prompt_id='nope')
+    assert widgets_.PromptInspector(hand, prompt_id=IDS[3]).current()['id'] == IDS[3]
+    with pytest.raises(ArtifactError, match='has no iteration with prompts yet'): widgets_.PromptInspector(tmp_path)
     with pytest.raises(ArtifactError, match='is not a run directory'): I.iterations(tmp_path/'nowhere')
     (hand/'iter1'/'rewards.jsonl').write_text('{"prompt_id": "x"}\nnot json\n')
     with pytest.raises(ArtifactError, match=r"rewards.jsonl line 2 is corrupt"): I.prompt_table(hand, 1)
 
 def test_callback_errors_land_in_the_output_widget(hand):
-    ins = I.PromptInspector(hand)
+    ins = widgets_.PromptInspector(hand)
     (hand/'iter1'/'samples.jsonl').write_text('{"prompt_id": ')
     ins.next_button.click()                                     # the button's callback reads the corrupt file
     assert len(ins.out.outputs) == 1

@@ -2,9 +2,9 @@
 import json, logging, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
-from cream_nb.io import RunLock, RunLocked
+from cream_nb.core.artifacts import RunLock, RunLocked
 
-HOLD = "import sys, time; from cream_nb.io import RunLock; l = RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+HOLD = "import sys, time; from cream_nb.core.artifacts import RunLock; l = RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
 
 def _holder(run_dir):
     p = subprocess.Popen([sys.executable, '-c', HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, start_new_session=True)

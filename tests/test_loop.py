@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from cream_nb.config import preset, apply_overrides
-from cream_nb.io import read_json, read_jsonl
-from cream_nb.loop import CreamRun, StageMismatch, STAGES, run_summary
+from cream_nb.core.config import preset, apply_overrides
+from cream_nb.core.artifacts import read_json, read_jsonl
+from cream_nb.runs.run import CreamRun
+from cream_nb.core.artifacts import StageMismatch
+from cream_nb.runs.summary import STAGES, run_summary
 
 from conftest import CREAM
 TIMING = ('seconds', 'runtime', 'per_second', 'timings', 'finished', 'run_dir')
@@ -57,7 +59,7 @@ def test_scored_models_per_iteration(tiny_run):
     assert sorted(p.name for p in (d/'iter1').glob('logps_*.jsonl')) == ['logps_m0.jsonl', 'logps_m1.jsonl']
     assert sorted(p.name for p in (d/'iter2').glob('logps_*.jsonl')) == ['logps_m0.jsonl', 'logps_m1.jsonl', 'logps_m2.jsonl']
     # the DPO reference log-probs in the pairs are M_t's stored log-probs of chosen and rejected
-    from cream_nb.io import load_dataset_dir
+    from cream_nb.core.artifacts import load_dataset_dir
     pairs = load_dataset_dir(d/'iter2'/'pairs')
     lp = {r['prompt_id']: r['logps'] for r in read_jsonl(d/'iter2'/'logps_m2.jsonl')}
     for row in pairs:
@@ -148,9 +150,9 @@ def test_bad_cli_input(tmp_path):
 
 def test_bf16_without_bf16_matmuls_stops_before_any_work(tmp_path, monkeypatch):
     "An explicit reward.precision / eval.precision of bf16 on a machine without bf16 matmuls: one ConfigError naming the switch."
-    import cream_nb.rewards as R
-    from cream_nb.config import ConfigError, apply_overrides, preset
-    from cream_nb.loop import CreamRun
+    from cream_nb.stages import rewards as R
+    from cream_nb.core.config import ConfigError, apply_overrides, preset
+    from cream_nb.runs.run import CreamRun
     monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)
     for switch in ('reward.precision', 'eval.precision'):
         run = CreamRun(apply_overrides(preset('tiny'), [f'{switch}="bf16"']), tmp_path/switch, progress=False)

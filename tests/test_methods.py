@@ -1,4 +1,4 @@
-"""cream_nb.methods: the registry, each method's checkpoints, rewards and rate on hand-made log-probs, DICE's
+"""cream_nb.methods.registry: the registry, each method's checkpoints, rewards and rate on hand-made log-probs, DICE's
 length control against a hand computation and a brute-force reference, and the tiny loop end to end per method."""
 import json, subprocess
 from types import SimpleNamespace as NS
@@ -6,10 +6,11 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from cream_nb import methods as M
-from cream_nb.config import ConfigError, preset, apply_overrides
-from cream_nb.io import read_json, read_jsonl, load_dataset_dir
-from cream_nb.preferences import best_worst, preference_pairs
+from cream_nb.methods import registry as M
+from cream_nb.core.config import ConfigError, preset, apply_overrides
+from cream_nb.core.artifacts import read_json, read_jsonl, load_dataset_dir
+from cream_nb.stages.preferences import best_worst, preference_pairs
+from cream_nb.methods import length as length_
 
 from conftest import CREAM
 from test_loop import _copy_sft
@@ -99,7 +100,7 @@ def test_oracle_rewards_by_hand():
 
 def test_srlm_asks_m_t_to_judge_and_keeps_the_judgements(monkeypatch):
     import contextlib
-    from cream_nb import rewards as R
+    from cream_nb.stages import rewards as R
     used = []
     @contextlib.contextmanager
     def model(name): used.append(name); yield f'model {name}'
@@ -121,20 +122,20 @@ HAND_L = {'p1': [10, 4, 2], 'p2': [8, 2, 6]}
 
 def test_dice_alpha_by_hand():
     # breakpoints 1/8, 1/4, 1/3, 3/8, 1/2; gaps at 0, 3/16, 7/24, 17/48: 9-2=7, 9-4=5, 6-4=2, 3-4=-1 -> alpha = 17/48
-    fit = M.dice_alpha(HAND_R, HAND_L)
+    fit = length_.dice_alpha(HAND_R, HAND_L)
     assert fit['alpha'] == pytest.approx(17 / 48) and fit['candidates'] == 6
     assert fit['before'] == {'chosen_tokens': 9.0, 'rejected_tokens': 2.0, 'pairs': 2}
     assert fit['after'] == {'chosen_tokens': 3.0, 'rejected_tokens': 4.0, 'pairs': 2}
     # the alpha just before the crossing wins when it is closer to balanced: gaps 1 (alpha 0) and -2 (next)
-    assert M.dice_alpha({'p1': [3.0, 1.0, 0.0], 'p2': [1.0, 2.0, None]}, HAND_L)['alpha'] == 0.0
-    assert M.dice_alpha({'p': [1.0, 0.0]}, {'p': [2, 5]})['alpha'] == 0.0      # chosen already shorter
-    assert M.dice_alpha({'p': [0.0, 1.0, None]}, {'p': [3, 3, 9]})['alpha'] == 0.0
+    assert length_.dice_alpha({'p1': [3.0, 1.0, 0.0], 'p2': [1.0, 2.0, None]}, HAND_L)['alpha'] == 0.0
+    assert length_.dice_alpha({'p': [1.0, 0.0]}, {'p': [2, 5]})['alpha'] == 0.0      # chosen already shorter
+    assert length_.dice_alpha({'p': [0.0, 1.0, None]}, {'p': [3, 3, 9]})['alpha'] == 0.0
 
 
 def test_dice_correct_by_hand():
     samples = [{'prompt_id': p, 'responses': ['x'] * 3, 'response_token_ids': [[0] * n for n in HAND_L[p]]} for p in HAND_L]
     rows = [{'prompt_id': p, 'current': r, 'previous': None} for p, r in HAND_R.items()]
-    out, rep = M.dice_correct(rows, samples)
+    out, rep = length_.dice_correct(rows, samples)
     a = 17 / 48
     assert out[0]['current'] == pytest.approx([3 - 10 * a, 1 - 4 * a, 0 - 2 * a])
     assert out[1]['current'] == pytest.approx([2 - 8 * a, 0.5 - 2 * a, 1 - 6 * a])
@@ -162,7 +163,7 @@ def test_dice_alpha_against_the_definition_on_random_rewards():
         lengths = {f'p{i}': rng.integers(1, 40, N).tolist() for i in range(P)}
         # rewards that grow with length (the bias DICE corrects), some unscored
         rewards = {p: [None if rng.random() < 0.1 else float(0.3 * l + rng.normal(0, 2)) for l in L] for p, L in lengths.items()}
-        fit = M.dice_alpha(rewards, lengths)
+        fit = length_.dice_alpha(rewards, lengths)
         a = fit['alpha']
         after = fit['after']
         if after['pairs']:
@@ -194,7 +195,7 @@ def test_cli_refuses_length_control_for_a_judge(tmp_path):
 
 def test_old_runs_keep_their_fingerprints(tiny_run):
     "A run made before reward.length_control existed resumes: at 'off' the field is in no stage marker."
-    from cream_nb.loop import _section
+    from cream_nb.runs.stage import _section
     d, _ = tiny_run
     for marker in d.rglob('_stage_*.json'):
         assert 'length_control' not in marker.read_text(), marker
@@ -209,7 +210,8 @@ CASES = {'cream-dyn': ['consistency.mode="dyn"', 'consistency.method="spearman"'
 
 @pytest.mark.parametrize('case', list(CASES))
 def test_each_method_runs_one_iteration(tiny_run, tmp_path, case):
-    from cream_nb.loop import CreamRun, STAGES
+    from cream_nb.runs.run import CreamRun
+    from cream_nb.runs.summary import STAGES
     d_full, _ = tiny_run
     d = tmp_path/case
     _copy_sft(d_full, d)
@@ -238,7 +240,7 @@ def test_each_method_runs_one_iteration(tiny_run, tmp_path, case):
         assert it['pairs']['mean_chosen_tokens'] == pytest.approx(np.mean([lens[p][i] for p, i in zip(pairs['prompt_id'], pairs['chosen_index'])]))
         assert it['pairs']['mean_rejected_tokens'] == pytest.approx(np.mean([lens[p][i] for p, i in zip(pairs['prompt_id'], pairs['rejected_index'])]))
     # the inspectors label the rewards as the method (and its length control) names them
-    from cream_nb.inspect import prompt_view
+    from cream_nb.reporting.prompts import prompt_view
     assert prompt_view(d, 1, rw[0]['prompt_id'])['reward_names'] == M.method_for(cfg).reward_names(1)
     lc = it_dir/'length_control.json'
     assert lc.exists() == (case in ('cream-lc', 'dpo+dice'))
@@ -258,7 +260,7 @@ def test_each_method_runs_one_iteration(tiny_run, tmp_path, case):
 # ---- the SRLM judge on the tiny model: expected scores train, an unparseable judge is named -----------------
 def test_srlm_with_expected_scores_trains_on_pairs_in_every_iteration(tiny_run, tmp_path):
     "The random tiny model writes no 'Score: k', but its expected score ranks the responses: pairs in both iterations."
-    from cream_nb.loop import CreamRun
+    from cream_nb.runs.run import CreamRun
     d = tmp_path/'srlm-expected'
     _copy_sft(tiny_run[0], d)
     cfg = apply_overrides(preset('tiny'), ['loop.method="srlm"', 'reward.judge_scoring="expected"'])
@@ -275,7 +277,7 @@ def test_srlm_with_expected_scores_trains_on_pairs_in_every_iteration(tiny_run, 
 
 def test_srlm_advice_names_the_judge_when_nothing_parses(tiny_run, tmp_path):
     "With the paper's generating judge the tiny model parses nothing: the summary shows parse rate 0 and the advice names the judge."
-    from cream_nb.loop import CreamRun
+    from cream_nb.runs.run import CreamRun
     d = tmp_path/'srlm-generate'
     _copy_sft(tiny_run[0], d)
     cfg = apply_overrides(preset('tiny'), ['loop.method="srlm"', 'loop.iterations=1'])

@@ -1,9 +1,9 @@
-"Tests of cream_nb.models: loading M0, LoRA iterations on one base, 4/8-bit, the checkpoint registry."
+"Tests of cream_nb.models.loading: loading M0, LoRA iterations on one base, 4/8-bit, the checkpoint registry."
 import dataclasses, json, os, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
-from cream_nb.config import ModelConfig, preset
-from cream_nb.models import *
+from cream_nb.core.config import ModelConfig, preset
+from cream_nb.models.loading import *
 
 MCFG = preset('tiny').model                  # LoRA r=8, alpha=16 on every projection
 
@@ -104,7 +104,7 @@ def test_cached_conversion_is_atomic_and_reused(tmp_path):
 @pytest.mark.slow
 def test_two_processes_convert_the_tokenizer_once_without_corruption(tmp_path):
     "Both processes get a loadable tokenizer; exactly one of them converted it."
-    code = ("import time; from cream_nb.models import *; from pathlib import Path; d = cache_dir()/'tokenizers'/EMBEDDED_NAME\n"
+    code = ("import time; from cream_nb.models.loading import *; from pathlib import Path; d = cache_dir()/'tokenizers'/EMBEDDED_NAME\n"
             "pre = d.exists(); t = load_tokenizer(embedded_tokenizer_dir()); print('converted' if not pre else 'waited', len(t))")
     env = {**os.environ, 'CREAM_NB_CACHE': str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, '-c', code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

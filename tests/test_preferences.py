@@ -1,9 +1,9 @@
-"""cream_nb.preferences: pair selection on hand-made rewards (ties, None, identical text), id alignment, the Dataset schema."""
+"""cream_nb.stages.preferences: pair selection on hand-made rewards (ties, None, identical text), id alignment, the Dataset schema."""
 import numpy as np, pytest
 from datasets import Dataset
-from cream_nb.consistency import consistency_rates, set_consistency
-from cream_nb.io import save_dataset, load_dataset_dir
-from cream_nb.preferences import best_worst, preference_pairs
+from cream_nb.stages.consistency import consistency_rates, set_consistency
+from cream_nb.core.artifacts import save_dataset, load_dataset_dir
+from cream_nb.stages.preferences import best_worst, preference_pairs
 
 COLUMNS = ['prompt_id', 'prompt', 'chosen', 'rejected', 'chosen_index', 'rejected_index', 'chosen_reward',
            'rejected_reward', 'prompt_consistency', 'set_consistency', 'ref_chosen_logps', 'ref_rejected_logps']

@@ -152,8 +152,8 @@ def test_a_deepspeed_launch_without_deepspeed_is_refused_in_one_line(tmp_path):
 def test_zero3_with_lora_is_refused_in_one_line(monkeypatch):
     "With deepspeed importable (faked here: this machine has none), ZeRO-3 and LoRA adapters are refused."
     import importlib.util
-    from cream_nb.config import preset
-    from cream_nb.loop import launch_problem
+    from cream_nb.core.config import preset
+    from cream_nb.runs.base import launch_problem
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda n, *a: object() if n == 'deepspeed' else real(n, *a))
     monkeypatch.setenv('ACCELERATE_USE_DEEPSPEED', 'true'); monkeypatch.setenv('ACCELERATE_DEEPSPEED_ZERO_STAGE', '3')

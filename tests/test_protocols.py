@@ -1,4 +1,4 @@
-"The two evaluation protocols ('generate', 'loglik') and the accuracy intervals (cream_nb.evaluate)."
+"The two evaluation protocols ('generate', 'loglik') and the accuracy intervals (cream_nb.stages.evaluate)."
 import json
 import numpy as np
 import pytest
@@ -6,13 +6,13 @@ import torch
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
-from cream_nb.config import ConfigError, EvalConfig
-from cream_nb.data import load_test_set
-from cream_nb.evaluate import (accuracy_interval, task_metrics, evaluate, loglik_predictions, extract_answer,
-                               answers_match, MC_LABELS)
-from cream_nb.io import read_jsonl
-from cream_nb.models import load_model
-from cream_nb.rewards import _batch_logps
+from cream_nb.core.config import ConfigError, EvalConfig
+from cream_nb.data.sources import load_test_set
+from cream_nb.stages.evaluate import accuracy_interval, task_metrics, evaluate, loglik_predictions
+from cream_nb.data.answers import extract_answer, answers_match, MC_LABELS
+from cream_nb.core.artifacts import read_jsonl
+from cream_nb.models.loading import load_model
+from cream_nb.models.logprobs import _batch_logps
 
 MC = [t for t in EvalConfig().tasks if t in MC_LABELS]
 
@@ -54,7 +54,7 @@ def test_protocol_is_checked():
         EvalConfig(protocol='mc')
 
 def hand_loglik(model, tok, context:str, continuation:str) -> float:
-    "log p(continuation | context) split as lm-eval's HFLM splits it, scored with cream_nb.rewards' log-prob kernel."
+    "log p(continuation | context) split as lm-eval's HFLM splits it, scored with cream_nb.stages.rewards' log-prob kernel."
     whole, ctx = tok.encode(context + continuation), tok.encode(context)
     assert whole[:len(ctx)] == ctx
     with torch.inference_mode(): lp, n = _batch_logps(model, tok, [whole], [len(ctx)], keep=False)
@@ -63,7 +63,7 @@ def hand_loglik(model, tok, context:str, continuation:str) -> float:
 
 def check_against_hand(model, tok, records, rows):
     "Every row's option log-likelihoods, acc pick and acc_norm pick equal a hand computation."
-    from cream_nb.data import parse_prompt
+    from cream_nb.data.records import parse_prompt
     by_id = {r['id']: r for r in records}
     assert sorted(r['id'] for r in rows) == sorted(by_id)
     for row in rows:
@@ -102,7 +102,7 @@ def test_shared_loglik_equals_lm_eval(tiny, bs):
     assert any(r['extracted'] != r['extracted_norm'] for r in own)           # acc_norm's per-character division matters here
 
 def test_loglik_scorer_is_checked():
-    from cream_nb.evaluate import loglik_predictions as lp
+    from cream_nb.stages.evaluate import loglik_predictions as lp
     with pytest.raises(ConfigError, match=r"eval.loglik_scorer = 'vllm' is invalid: allowed one of 'shared', 'lm-eval'"):
         EvalConfig(loglik_scorer='vllm')
     class Cfg: batch_size, loglik_scorer = 4, 'fast'
@@ -154,7 +154,7 @@ SUMMARY = {'m1_eval': {'accuracy': {'arc_easy': 0.75, 'gsm8k': 0.0}, 'average': 
                                                                    'n': {'arc_easy': 4, 'gsm8k': 4}}}]}   # a run from before intervals were stored
 
 def test_summary_table_shows_n_and_intervals():
-    from cream_nb.cli import summary_table
+    from cream_nb.reporting.tables import summary_table
     out = summary_table(SUMMARY)
     lo, hi = proportion_confint(3, 4, method='wilson')
     assert 'arc_easy (n=4)' in out and f"0.750 [{lo:.2f},{hi:.2f}]" in out
@@ -165,7 +165,7 @@ def test_summary_table_shows_n_and_intervals():
     assert 'arc_easy (n=' not in summary_table(odd) and '/5' in summary_table(odd)   # different n per model: in the cell
 
 def test_accuracy_figure_error_bars():
-    from cream_nb.inspect import accuracy_figure
+    from cream_nb.reporting.figures import accuracy_figure
     fig = accuracy_figure(SUMMARY)
     tr = {t.name: t for t in fig.data}
     lo, hi = proportion_confint(3, 4, method='wilson')
@@ -177,7 +177,7 @@ def test_accuracy_figure_error_bars():
 
 def test_eval_precision(tiny, monkeypatch):
     "eval.precision: 'auto' is fp32 here (the bench's decision), bf16 runs both scorers alike, no bf16 matmuls stops before any work."
-    import cream_nb.rewards as R
+    from cream_nb.models import precision as R
     model, tok = tiny
     records = [dict(r) for t in MC for r in load_test_set(t, source='offline', limit=1)]
     fp32 = loglik_predictions(model, tok, records, EvalConfig(batch_size=4, precision='fp32'), progress=False)
@@ -191,7 +191,7 @@ def test_eval_precision(tiny, monkeypatch):
     assert max(d) < 0.05 and 0 < max(d32) < 0.5
     monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)
     called = []
-    monkeypatch.setattr('cream_nb.evaluate.generate_predictions', lambda *a, **k: called.append(1) or [])
+    monkeypatch.setattr('cream_nb.stages.evaluate.generate_predictions', lambda *a, **k: called.append(1) or [])
     with pytest.raises(RuntimeError, match="eval.precision='bf16' needs bf16 matmul instructions"):
         evaluate(model, tok, EvalConfig(limit=1, protocol='loglik', precision='bf16'), source='offline', progress=False)
     assert not called                                                               # stopped before generating GSM8K answers

@@ -4,10 +4,13 @@ import numpy as np
 from pathlib import Path
 import pytest, torch
 from hypothesis import given, settings, strategies as st
-from cream_nb.config import ModelConfig, RewardConfig
-from cream_nb.io import read_jsonl
-from cream_nb.models import add_adapter, load_model, use_model
-import cream_nb.rewards as R
+from cream_nb.core.config import ModelConfig, RewardConfig
+from cream_nb.core.artifacts import read_jsonl
+from cream_nb.models.loading import add_adapter, load_model, use_model
+from cream_nb.stages import rewards as R
+from cream_nb.stages import judge as judge_
+from cream_nb.models import logprobs as logprobs_
+from cream_nb.models import precision as precision_
 
 @pytest.fixture(scope='module')
 def tiny():
@@ -31,7 +34,7 @@ def adapters(tiny):
 
 def naive(model, tok, messages, response):
     "log_softmax + gather over the whole unpadded sequence, summed over the response tokens."
-    ids, n = R.build_sequence(tok, messages, response)
+    ids, n = logprobs_.build_sequence(tok, messages, response)
     x = torch.tensor([ids])
     with torch.no_grad(): lp = model(x).logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
     return lp[n - 1:].double().sum().item(), len(ids) - n
@@ -53,7 +56,7 @@ def test_selective_log_softmax_equals_log_softmax_gather(b, s, v, seed, half):
     labels = torch.randint(0, v, (b, s), generator=g)
     labels[torch.rand(b, s, generator=g) < 0.3] = -100
     want = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
-    got = R.selective_log_softmax(logits, labels)
+    got = logprobs_.selective_log_softmax(logits, labels)
     assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5, rtol=0)
 
 @pytest.mark.parametrize('bs', [1, 2, 5, 16])
@@ -61,7 +64,7 @@ def test_sequence_logps_equal_naive_to_1e5(tiny64, bs):
     model, tok = tiny64
     msgs = [p['messages'] for s in SAMPLES for p in PROMPTS if p['id'] == s['prompt_id'] for _ in s['responses']]
     resps = [r for s in SAMPLES for r in s['responses']]
-    lp, nt = R.sequence_logps(model, tok, msgs, resps, batch_size=bs)
+    lp, nt = logprobs_.sequence_logps(model, tok, msgs, resps, batch_size=bs)
     want = [naive(model, tok, m, r) for m, r in zip(msgs, resps)]
     assert lp.dtype == torch.float64 and lp.shape == (12,)
     assert torch.allclose(lp, torch.tensor([a for a, _ in want], dtype=torch.float64), atol=1e-5, rtol=0)
@@ -75,7 +78,7 @@ def test_shared_prefix_equals_naive_float64(tiny64, bs):
     model, tok = tiny64
     pre = [[5, 6, 7, 8, 9, 10], [11], [13, 14, 15, 16]]
     conts = [[[20, 21, 22], [23], [24, 25, 26, 27, 28, 29, 30, 31, 32]], [[40, 41]], [[50], [51, 52], [53, 54, 55, 56]]]
-    got = R.shared_prefix_logps(model, pre, conts, tok.pad_token_id, batch_size=bs)
+    got = logprobs_.shared_prefix_logps(model, pre, conts, tok.pad_token_id, batch_size=bs)
     for p, cs, g in zip(pre, conts, got):
         for c, v in zip(cs, g.tolist()):
             x = torch.tensor([p + c])
@@ -101,31 +104,31 @@ def test_shared_prefix_scoring_equals_plain_batched_forward_fp32(tiny, adapters,
 
 def test_shared_prefix_bad_input(tiny):
     model, tok = tiny
-    with pytest.raises(ValueError, match='2 prefixes but 1 continuation lists'): R.shared_prefix_logps(model, [[1], [2]], [[[3]]], 0)
+    with pytest.raises(ValueError, match='2 prefixes but 1 continuation lists'): logprobs_.shared_prefix_logps(model, [[1], [2]], [[[3]]], 0)
     with pytest.raises(ValueError, match='group 0: the prefix and every continuation need at least one token'):
-        R.shared_prefix_logps(model, [[1]], [[[3], []]], 0)
+        logprobs_.shared_prefix_logps(model, [[1]], [[[3], []]], 0)
 
 def test_sequence_logps_float32_multi_turn_and_records(tiny):
     model, tok = tiny
     conv = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
             {'role': 'assistant', 'content': 'Hello.'}, {'role': 'user', 'content': 'Name a fruit.'}]
     prompts = [conv, {'id': 'x', 'messages': PROMPTS[1]['messages']}]
-    lp, nt = R.sequence_logps(model, tok, prompts, ['Apple', 'Water goes up and comes down.'], batch_size=2)
+    lp, nt = logprobs_.sequence_logps(model, tok, prompts, ['Apple', 'Water goes up and comes down.'], batch_size=2)
     want = [naive(model, tok, conv, 'Apple'), naive(model, tok, PROMPTS[1]['messages'], 'Water goes up and comes down.')]
     for got, (w, n), k in zip(lp.tolist(), want, nt.tolist()):
         assert abs(got - w) <= 1e-6 * abs(w) and k == n
 
 def test_build_sequence_is_the_sampling_prompt_then_response_then_end_of_turn(tiny):
-    from cream_nb.sampling import chat_prompt_ids
+    from cream_nb.models.engine import chat_prompt_ids
     _, tok = tiny
-    ids, n = R.build_sequence(tok, PROMPTS[0]['messages'], 'Hello!')
+    ids, n = logprobs_.build_sequence(tok, PROMPTS[0]['messages'], 'Hello!')
     assert ids[:n] == chat_prompt_ids(tok, PROMPTS[0]['messages'])
     assert ids[n:] == tok('Hello!', add_special_tokens=False)['input_ids'] + [tok.convert_tokens_to_ids('<|im_end|>')]
 
 def test_bad_inputs_name_what_is_wrong(tiny):
     model, tok = tiny
-    with pytest.raises(ValueError, match='2 prompts but 1 responses'): R.sequence_logps(model, tok, [[], []], ['a'])
-    with pytest.raises(ValueError, match="prompt 0 is a dict without 'messages'"): R.sequence_logps(model, tok, [{'id': 'a'}], ['a'])
+    with pytest.raises(ValueError, match='2 prompts but 1 responses'): logprobs_.sequence_logps(model, tok, [[], []], ['a'])
+    with pytest.raises(ValueError, match="prompt 0 is a dict without 'messages'"): logprobs_.sequence_logps(model, tok, [{'id': 'a'}], ['a'])
     with pytest.raises(ValueError, match="sample 1 must be a record with 'prompt_id' and 'responses'"):
         R.score_samples(model, tok, PROMPTS, [SAMPLES[0], {'prompt_id': 'p0'}])
 
@@ -189,7 +192,7 @@ def test_stale_logps_file_is_recomputed(adapters, tiny, tmp_path):
 def test_iteration_logps_with_a_custom_switch(tiny, tmp_path):
     "Full checkpoints (no adapters): `switch` hands over a different model for each name."
     _, tok = tiny
-    from cream_nb.models import tiny_model
+    from cream_nb.models.loading import tiny_model
     import contextlib
     loaded = []
     @contextlib.contextmanager
@@ -209,10 +212,10 @@ def test_iteration_logps_with_a_custom_switch(tiny, tmp_path):
                                          ('score:2 then Score: 4', 4.0), ('Score: 6', None), ('Score: -2', None),
                                          ('five points', None), ('', None)])
 def test_parse_judge_score(text, score):
-    assert R.parse_judge_score(text) == score
+    assert judge_.parse_judge_score(text) == score
 
 def test_judge_prompt_has_the_five_criteria_and_the_score_format():
-    p = R.judge_prompt('Q?', 'A.')
+    p = judge_.judge_prompt('Q?', 'A.')
     assert sum(line.startswith('- Add ') for line in p.splitlines()) == 5
     assert 'User: Q?\n<response>A.</response>' in p and '"Score: <total points>"' in p
 
@@ -223,33 +226,33 @@ def test_judge_rewards_counts_unparseable_and_never_scores_them_0(tiny, monkeypa
         seen.update(greedy=greedy, n=cfg.max_new_tokens, bs=cfg.batch_size, first=recs[0], engine=engine, checkpoint=checkpoint)
         return [{'prompt_id': r['id'], 'responses': [f'Score: {i % 7}']} for i, r in enumerate(recs)]
     monkeypatch.setattr(R, 'sample_responses', fake)
-    scores, stats = R.judge_rewards(model, tok, PROMPTS, SAMPLES, RewardConfig(batch_size=3, judge_max_new_tokens=9))
+    scores, stats = judge_.judge_rewards(model, tok, PROMPTS, SAMPLES, RewardConfig(batch_size=3, judge_max_new_tokens=9))
     assert seen['greedy'] and (seen['n'], seen['bs']) == (9, 3) and seen['engine'] is seen['checkpoint'] is None
-    assert seen['first']['messages'][0]['content'] == R.judge_prompt('Why?', 'Because.')
+    assert seen['first']['messages'][0]['content'] == judge_.judge_prompt('Why?', 'Because.')
     assert scores == {'p2': [0.0, 1.0, 2.0], 'p0': [3.0, 4.0, 5.0], 'p3': [None, 0.0, 1.0], 'p1': [2.0, 3.0, 4.0]}
     assert (stats['n'], stats['parsed'], stats['unparseable']) == (12, 11, 1)
     assert stats['mean_score'] == pytest.approx(25 / 11) and stats['histogram']['0'] == 2
 
 def test_judge_rewards_on_the_tiny_model(tiny):
     model, tok = tiny
-    scores, stats = R.judge_rewards(model, tok, PROMPTS, SAMPLES[:2], RewardConfig(batch_size=4, judge_max_new_tokens=6), progress=False)
+    scores, stats = judge_.judge_rewards(model, tok, PROMPTS, SAMPLES[:2], RewardConfig(batch_size=4, judge_max_new_tokens=6), progress=False)
     assert [len(v) for v in scores.values()] == [3, 3] and stats['n'] == 6
     assert stats['parsed'] + stats['unparseable'] == 6
     assert all(len(t) for v in stats['judgements'].values() for t in v)
 
 def test_judge_score_tokens_follow_the_tokenizer(tiny):
     _, tok = tiny
-    pre, digits = R.judge_score_tokens(tok)
+    pre, digits = judge_.judge_score_tokens(tok)
     assert tok.convert_ids_to_tokens(pre) == ['Score', ':', 'Ġ'] and [tok.decode([d]) for d in digits] == list('012345')
     for k in range(6): assert tok(f'Score: {k}', add_special_tokens=False)['input_ids'] == pre + [digits[k]]
     merged = lambda text, add_special_tokens=False: {'input_ids': [7, 8] + ([99] if text.endswith('3') else [9, ord(text[-1])])}
     with pytest.raises(ValueError, match=r"'Score: ' \+ 3 tokenizes as \[7, 8, 99\], not the prefix \[7, 8, 9\] \+ one token"):
-        R.judge_score_tokens(merged)
+        judge_.judge_score_tokens(merged)
 
 def hand_expected(model, tok, messages, response):
     "One unpadded forward pass: softmax over the vocabulary after 'Score: ', digits renormalised, sum k p(k) in numpy."
     import numpy as np
-    judge = [{'role': 'user', 'content': R.judge_prompt(messages[-1]['content'], response)}]
+    judge = [{'role': 'user', 'content': judge_.judge_prompt(messages[-1]['content'], response)}]
     ids = tok.apply_chat_template(judge, add_generation_prompt=True, tokenize=False) + 'Score: '
     x = torch.tensor([tok(ids, add_special_tokens=False)['input_ids']])
     digits = [tok.convert_tokens_to_ids(str(k)) for k in range(6)]
@@ -260,7 +263,7 @@ def hand_expected(model, tok, messages, response):
 def test_expected_judge_score_against_a_hand_computation(tiny):
     model, tok = tiny
     cfg = RewardConfig(batch_size=4, judge_scoring='expected')
-    scores, stats = R.judge_rewards(model, tok, PROMPTS, SAMPLES, cfg, progress=False)
+    scores, stats = judge_.judge_rewards(model, tok, PROMPTS, SAMPLES, cfg, progress=False)
     by_id = {p['id']: p['messages'] for p in PROMPTS}
     want = {s['prompt_id']: [hand_expected(model, tok, by_id[s['prompt_id']], r) for r in s['responses']] for s in SAMPLES}
     for pid, xs in want.items():
@@ -276,16 +279,16 @@ def test_expected_judge_score_against_a_hand_computation(tiny):
 
 def test_expected_judge_score_is_deterministic_and_batch_independent(tiny):
     model, tok = tiny
-    a = R.judge_expected_scores(model, tok, PROMPTS, SAMPLES, batch_size=3)[0]
-    assert R.judge_expected_scores(model, tok, PROMPTS, SAMPLES, batch_size=3)[0] == a   # bit for bit
-    b = R.judge_expected_scores(model, tok, PROMPTS, SAMPLES, batch_size=12)[0]           # other padding, same scores
+    a = judge_.judge_expected_scores(model, tok, PROMPTS, SAMPLES, batch_size=3)[0]
+    assert judge_.judge_expected_scores(model, tok, PROMPTS, SAMPLES, batch_size=3)[0] == a   # bit for bit
+    b = judge_.judge_expected_scores(model, tok, PROMPTS, SAMPLES, batch_size=12)[0]           # other padding, same scores
     assert all(b[k] == pytest.approx(a[k], abs=1e-5) for k in a)
 
 def test_generate_judge_records_its_parse_rate(tiny, monkeypatch):
     model, tok = tiny
     monkeypatch.setattr(R, 'sample_responses', lambda m, t, recs, cfg, **kw:
                         [{'prompt_id': r['id'], 'responses': ['Score: 2' if i % 4 == 0 else 'no score']} for i, r in enumerate(recs)])
-    _, stats = R.judge_rewards(model, tok, PROMPTS, SAMPLES, RewardConfig(batch_size=3))
+    _, stats = judge_.judge_rewards(model, tok, PROMPTS, SAMPLES, RewardConfig(batch_size=3))
     assert (stats['scoring'], stats['parsed'], stats['n'], stats['parse_rate']) == ('generate', 3, 12, 0.25)
 
 def test_oracle_rewards():
@@ -306,26 +309,26 @@ def test_sequence_logps_left_padding_with_absolute_positions(tiny):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=512)).double().eval()
     msgs = [PROMPTS[0]['messages'], PROMPTS[1]['messages'], PROMPTS[2]['messages']]
     resps = ['Hello there', 'Water', '']
-    lp, nt = R.sequence_logps(model, tok, msgs, resps, batch_size=3)
+    lp, nt = logprobs_.sequence_logps(model, tok, msgs, resps, batch_size=3)
     want = [naive(model, tok, m, r) for m, r in zip(msgs, resps)]
     assert torch.allclose(lp, torch.tensor([a for a, _ in want], dtype=torch.float64), atol=1e-5, rtol=0)
     assert nt.tolist() == [b for _, b in want]
 
 # ---- precision -----------------------------------------------------------------------------------------
 def test_resolve_precision(monkeypatch):
-    assert R.resolve_precision('eval.precision', 'fp32') == 'fp32'
-    assert R.resolve_precision('eval.precision', 'auto') == ('bf16' if R.bf16_matmuls() and R.BF16_AUTO['eval.precision'] else 'fp32')
+    assert precision_.resolve_precision('eval.precision', 'fp32') == 'fp32'
+    assert precision_.resolve_precision('eval.precision', 'auto') == ('bf16' if precision_.bf16_matmuls() and precision_.BF16_AUTO['eval.precision'] else 'fp32')
     with pytest.raises(ValueError, match="reward.precision must be one of 'fp32', 'bf16', 'auto', got 'fp16'"):
-        R.resolve_precision('reward.precision', 'fp16')
+        precision_.resolve_precision('reward.precision', 'fp16')
     monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)        # a machine without bf16 matmuls
-    assert R.resolve_precision('eval.precision', 'auto') == 'fp32'
+    assert precision_.resolve_precision('eval.precision', 'auto') == 'fp32'
     with pytest.raises(RuntimeError, match=r"^eval.precision='bf16' needs bf16 matmul instructions .* set eval.precision to 'fp32' or 'auto'$"):
-        R.resolve_precision('eval.precision', 'bf16')
+        precision_.resolve_precision('eval.precision', 'bf16')
     monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': True)
-    monkeypatch.setitem(R.BF16_AUTO, 'eval.precision', True)
-    assert R.resolve_precision('eval.precision', 'auto') == 'bf16'
-    monkeypatch.setitem(R.BF16_AUTO, 'eval.precision', False)
-    assert R.resolve_precision('eval.precision', 'auto') == 'fp32'
+    monkeypatch.setitem(precision_.BF16_AUTO, 'eval.precision', True)
+    assert precision_.resolve_precision('eval.precision', 'auto') == 'bf16'
+    monkeypatch.setitem(precision_.BF16_AUTO, 'eval.precision', False)
+    assert precision_.resolve_precision('eval.precision', 'auto') == 'fp32'
 
 @pytest.mark.parametrize('share', [True, False])
 def test_bf16_scoring_equals_naive_bf16_forward(adapters, tiny, share):
@@ -336,13 +339,13 @@ def test_bf16_scoring_equals_naive_bf16_forward(adapters, tiny, share):
     with use_model(adapters, 'm2'):
         want = []
         for m, r in zip(msgs, resps):
-            ids, n = R.build_sequence(tok, m, r); x = torch.tensor([ids])
-            with torch.no_grad(), R.matmul_precision(adapters, 'bf16'):
+            ids, n = logprobs_.build_sequence(tok, m, r); x = torch.tensor([ids])
+            with torch.no_grad(), precision_.matmul_precision(adapters, 'bf16'):
                 logits = adapters(x).logits
                 assert logits.dtype == torch.float32
                 want.append(logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0][n - 1:].double().sum().item())
-        got, _ = R.sequence_logps(adapters, tok, msgs, resps, batch_size=5, share_prefix=share, precision='bf16')
-        fp32, _ = R.sequence_logps(adapters, tok, msgs, resps, batch_size=5)
+        got, _ = logprobs_.sequence_logps(adapters, tok, msgs, resps, batch_size=5, share_prefix=share, precision='bf16')
+        fp32, _ = logprobs_.sequence_logps(adapters, tok, msgs, resps, batch_size=5)
     assert (got - torch.tensor(want, dtype=torch.float64)).abs().max() < 0.1        # bf16 matmuls of other shapes
     assert 0 < (got - fp32).abs().max() < 1.0                                       # bf16 really ran, and moved little
     assert 'forward' not in vars(adapters.get_output_embeddings())                 # the head is restored

@@ -37,9 +37,9 @@ def test_two_processes_give_the_records_of_one(tmp_path):
 
 def test_resume_from_batch_log_generates_only_missing_batches(tmp_path, monkeypatch):
     "A batch log left by a killed run (last line cut short) is reused: same records, only missing batches generated."
-    import cream_nb.sampling as S
-    from cream_nb.config import SamplingConfig
-    from cream_nb.models import load_model
+    from cream_nb.stages import sampling as S
+    from cream_nb.core.config import SamplingConfig
+    from cream_nb.models.loading import load_model
     model, tok = load_model('tiny')
     ps = [{'id': f'q{i}', 'messages': [{'role': 'user', 'content': 'Tell me ' * (i + 1)}]} for i in range(7)]
     cfg = SamplingConfig(n_responses=3, max_new_tokens=5, batch_size=2, seed=11)
@@ -47,7 +47,7 @@ def test_resume_from_batch_log_generates_only_missing_batches(tmp_path, monkeypa
     lines = (tmp_path/'a.log').read_text().splitlines()
     assert len(lines) == 4
     (tmp_path/'b.log').write_text('\n'.join(lines[:2]) + '\n' + lines[2][:25])
-    from cream_nb.engine import HFEngine
+    from cream_nb.models.engine import HFEngine
     seeds = []
     orig = HFEngine._generate_batch
     monkeypatch.setattr(HFEngine, '_generate_batch', lambda self, *a: seeds.append(a[-1]) or orig(self, *a))
@@ -61,9 +61,9 @@ def test_resume_from_batch_log_generates_only_missing_batches(tmp_path, monkeypa
 
 
 def test_same_seed_same_records_other_seed_other_records():
-    from cream_nb.config import SamplingConfig
-    from cream_nb.models import load_model
-    from cream_nb.sampling import sample_responses
+    from cream_nb.core.config import SamplingConfig
+    from cream_nb.models.loading import load_model
+    from cream_nb.stages.sampling import sample_responses
     model, tok = load_model('tiny')
     ps = [{'id': f'q{i}', 'messages': [{'role': 'user', 'content': 'Name a number ' * (i + 1)}]} for i in range(5)]
     run = lambda seed: sample_responses(model, tok, ps, SamplingConfig(n_responses=3, max_new_tokens=6, batch_size=2, seed=seed), progress=False)

@@ -3,16 +3,17 @@ import math
 from pathlib import Path
 import pytest
 import torch
-from cream_nb.config import ModelConfig, SFTConfig
-from cream_nb.rewards import build_sequence
-from cream_nb.sft import sft_examples, sft_trainer, sft_training_args, train_sft
+from cream_nb.core.config import ModelConfig, SFTConfig
+from cream_nb.models.logprobs import build_sequence
+from cream_nb.stages.sft import sft_examples, sft_trainer, train_sft
+from cream_nb.stages.trainer import sft_training_args
 
 RECS = [{'id': f's{i}', 'messages': [{'role': 'user', 'content': f'What is {i} plus {i}?'}, {'role': 'assistant', 'content': f'{i} plus {i} is {2*i}.'}]}
         for i in range(16)]
 
 @pytest.fixture(scope='module')
 def tiny():
-    from cream_nb.models import load_model
+    from cream_nb.models.loading import load_model
     return load_model('tiny')
 
 def test_examples_split_prompt_and_answer():
@@ -70,7 +71,7 @@ def _lrs(m): return [h['learning_rate'] for h in m['history']]
 
 @pytest.mark.slow
 def test_full_sft_lowers_the_loss_and_saves_m1(tmp_path):
-    from cream_nb.models import load_model
+    from cream_nb.models.loading import load_model
     model, tok = load_model('tiny')
     cfg = SFTConfig(epochs=6, learning_rate=1e-3, batch_size=16, max_length=256)      # one batch = the same data every step
     m = train_sft(model, tok, RECS, cfg, tmp_path/'m1', seed=0, progress=False)
@@ -87,7 +88,7 @@ def test_full_sft_lowers_the_loss_and_saves_m1(tmp_path):
 
 @pytest.mark.slow
 def test_lora_sft_trains_only_the_adapter(tmp_path):
-    from cream_nb.models import add_adapter, load_adapter, load_model
+    from cream_nb.models.loading import add_adapter, load_adapter, load_model
     base, tok = load_model('tiny')
     pm = add_adapter(base, 'm1', ModelConfig(lora_r=8, lora_alpha=16))
     frozen = {n: p.detach().clone() for n, p in pm.named_parameters() if 'lora_' not in n}
@@ -103,7 +104,7 @@ def test_lora_sft_trains_only_the_adapter(tmp_path):
 @pytest.mark.slow
 def test_qlora_sft_on_a_4bit_base(tmp_path):
     import bitsandbytes as bnb
-    from cream_nb.models import add_adapter, load_model
+    from cream_nb.models.loading import add_adapter, load_model
     base, tok = load_model('tiny', quantization='4bit')
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
     pm = add_adapter(base, 'm1', ModelConfig(lora_r=8, lora_alpha=16, quantization='4bit'))
@@ -116,8 +117,8 @@ def test_qlora_sft_on_a_4bit_base(tmp_path):
 @pytest.mark.slow
 def test_sft_on_the_offline_seed_data(tmp_path):
     "The seed records the data stage makes (long SciQ answers) train as they are; long ones are cut at max_length."
-    from cream_nb.data import load_seed_sft
-    from cream_nb.models import load_model
+    from cream_nb.data.sources import load_seed_sft
+    from cream_nb.models.loading import load_model
     model, tok = load_model('tiny')
     seed = load_seed_sft('offline', limit=4, seed=0)
     m = train_sft(model, tok, seed, SFTConfig(epochs=1, batch_size=4, max_length=128), tmp_path/'m1', seed=0, progress=False)

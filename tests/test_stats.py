@@ -1,4 +1,4 @@
-"""cream_nb.stats against scipy, statsmodels or a computation by hand: Wilson, binomial, McNemar, two proportions,
+"""cream_nb.core.stats against scipy, statsmodels or a computation by hand: Wilson, binomial, McNemar, two proportions,
 percentile bootstrap, permutation test, and the minimum detectable differences (power 0.8, alpha 0.05)."""
 import ast, itertools, math
 from pathlib import Path
@@ -10,10 +10,10 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.power import NormalIndPower, TTestIndPower
 from statsmodels.stats.proportion import binom_test, proportion_confint, proportion_effectsize, proportions_ztest
 
-from cream_nb import stats as S
+from cream_nb.core import stats as S
 
 def test_stats_is_a_foundation_layer():
-    "cream_nb.stats imports nothing from cream_nb, and nothing but numpy/scipy and the standard library."
+    "cream_nb.core.stats imports nothing from cream_nb, and nothing but numpy/scipy and the standard library."
     tree = ast.parse((Path(S.__file__)).read_text())
     mods = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}

@@ -132,7 +132,7 @@ def test_nothing_is_written_before_sft_for_a_bad_fresh_run(tmp_path, capsys):
         cream_error(capsys, RUN + [tmp_path/'fresh', '--preset', 'tiny'] + bad, tmp_path/'fresh')
         assert sorted(p.name for p in (tmp_path/'fresh').iterdir()) == ['.lock']
 
-HOLD = "import sys, time; from cream_nb.io import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)"
+HOLD = "import sys, time; from cream_nb.core.artifacts import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)"
 
 def test_second_writer_refused_naming_the_holder(run_dir, capsys):
     p = subprocess.Popen([sys.executable, '-c', HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, start_new_session=True,

@@ -186,10 +186,18 @@ def stage(proc:Path, nbs:Path, docs:Path, docs_url:str) -> list[dict]:
 
 def section_title(folder:str) -> str: return folder.replace('_', ' ').strip().capitalize()
 
+LAYER = re.compile(r'^\d+_([a-z]+)\.')   # 22_models.engine.ipynb: a notebook of the `models` layer (DEVELOPING.md)
+
 def nav(pages:list[dict], folder:tuple=()) -> list:
-    "MkDocs nav: index first, then the notebooks in file (numbered) order, each sub-folder a section."
+    "MkDocs nav: index first, then the notebooks in file (numbered) order, each layer and each sub-folder a section."
     here = sorted((p for p in pages if p['src'].parts[:-1] == folder), key=lambda p: (p['src'].name != 'index.ipynb', p['src'].name))
-    out = [{'Overview' if p['src'] == Path('index.ipynb') else p['title']: p['page'].as_posix()} for p in here]
+    out, sections = [], {}
+    for p in here:
+        item = {'Overview' if p['src'] == Path('index.ipynb') else p['title']: p['page'].as_posix()}
+        if (m := LAYER.match(p['src'].name)):
+            if m[1] not in sections: sections[m[1]] = []; out.append({section_title(m[1]): sections[m[1]]})
+            sections[m[1]].append(item)
+        else: out.append(item)
     subs = sorted({p['src'].parts[len(folder)] for p in pages if len(p['src'].parts) > len(folder) + 1 and p['src'].parts[:len(folder)] == folder})
     return out + [{section_title(s): nav(pages, folder + (s,))} for s in subs]
 

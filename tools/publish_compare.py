@@ -15,8 +15,8 @@ def _git(*a) -> str:
     return subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 def publish(run_dir:Path, out:Path, command:str, run_commit:str|None=None) -> dict:
-    from cream_nb.compare import compare_dirs, write_tables
-    from cream_nb.loop import StageLog
+    from cream_nb.reporting.tables import compare_dirs, write_tables
+    from cream_nb.runs.stage import StageLog
     tab = write_tables(run_dir)
     events = [e for d in compare_dirs(run_dir).values() for e in StageLog(d/'stages.jsonl').events()]
     if not events: raise SystemExit(f"{run_dir}: no stage log; run the comparison first")

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from safetensors.torch import save_file
-from cream_nb.config import DPOConfig, ModelConfig
-from cream_nb.dpo import train_dpo
-from cream_nb.models import add_adapter, load_model
-from cream_nb.rewards import sequence_logps
+from cream_nb.core.config import DPOConfig, ModelConfig
+from cream_nb.stages.dpo import train_dpo
+from cream_nb.models.loading import add_adapter, load_model
+from cream_nb.models.logprobs import sequence_logps
 
 QUESTIONS = ['What is 2 + 2?', 'Name a primary colour.', 'Why is the sky blue?', 'What do bees make?',
              'Is iron heavier than feathers?', 'Say hello.', 'What is the capital of France?', 'Count to three.']

@@ -1,11 +1,11 @@
-"""cream_nb.processes under `accelerate launch`: each process writes what it computed and what it received.
+"""cream_nb.core.processes under `accelerate launch`: each process writes what it computed and what it received.
 
     accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 tests/scripts/processes_dist.py OUT_DIR
 """
 import json, sys
 from pathlib import Path
-from cream_nb.io import reading_only, write_json
-from cream_nb.processes import barrier, finish, from_writer, gathered, is_writer, my_share, rank, shared_batches, world_size
+from cream_nb.core.artifacts import reading_only, write_json
+from cream_nb.core.processes import barrier, finish, from_writer, gathered, is_writer, my_share, rank, shared_batches, world_size
 
 out = Path(sys.argv[1])
 computed = []

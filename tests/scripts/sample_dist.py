@@ -7,10 +7,10 @@ Every process writes OUT_DIR/rank<r>.json (its rank, the world size, the batches
 records it got back); the records must be the same on every process and for any number of processes."""
 import json, sys
 from pathlib import Path
-from cream_nb.config import SamplingConfig
-from cream_nb.models import load_model
-import cream_nb.sampling as sampling
-from cream_nb.engine import HFEngine
+from cream_nb.core.config import SamplingConfig
+from cream_nb.models.loading import load_model
+from cream_nb.stages import sampling as sampling
+from cream_nb.models.engine import HFEngine
 
 QUESTIONS = ['Name a colour.', 'What is the capital of France, the country in Europe west of Germany?', 'Hi',
              'Explain photosynthesis in one sentence, please.', 'Why is the sky blue?']

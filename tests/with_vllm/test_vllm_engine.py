@@ -5,11 +5,10 @@ import dataclasses, time
 from pathlib import Path
 import pytest, torch
 
-from cream_nb.config import ModelConfig
-from cream_nb.engine import GenParams, HFEngine
-from cream_nb.models import (_tiny_dir, embedded_model_dir, embedded_tokenizer_dir, load_adapter, load_model,
-                             load_tokenizer, lora_config)
-from cream_nb.vllm_engine import VLLMEngine
+from cream_nb.core.config import ModelConfig
+from cream_nb.models.engine import GenParams, HFEngine
+from cream_nb.models.loading import _tiny_dir, embedded_model_dir, embedded_tokenizer_dir, load_adapter, load_model, load_tokenizer, lora_config
+from cream_nb.models.vllm import VLLMEngine
 
 QUESTIONS = ['What is 2+2?', 'Name a colour.', 'Say hello.', 'What is the capital of France?', 'Count to three.',
              'Why is the sky blue?', 'Give me a fruit.', 'What is 7 times 6?', 'Spell cat.', 'Who wrote Hamlet?',
@@ -145,10 +144,10 @@ def test_full_checkpoint_is_served_as_its_own_model(engine, tiny, tmp_path):
 
 
 def test_evaluation_greedy_answers_through_vllm(engine, tiny):
-    "Evaluation's greedy answers (cream_nb.evaluate.greedy_answers on real test questions) given by the vLLM engine equal the hf path's."
-    from cream_nb.config import EvalConfig
-    from cream_nb.data import load_test_set
-    from cream_nb.evaluate import greedy_answers
+    "Evaluation's greedy answers (cream_nb.stages.evaluate.greedy_answers on real test questions) given by the vLLM engine equal the hf path's."
+    from cream_nb.core.config import EvalConfig
+    from cream_nb.data.sources import load_test_set
+    from cream_nb.stages.evaluate import greedy_answers
     recs = [dict(r) for r in load_test_set('arc_easy', source='offline', limit=6)]
     cfg = EvalConfig(max_new_tokens=8, batch_size=4)
     got = greedy_answers(None, tiny['tok'], recs, cfg, progress=False, engine=engine, checkpoint='m1')
@@ -191,11 +190,11 @@ def test_embedded_smollm2_greedy_matches_hf_engine(tmp_path):
 @pytest.mark.slow
 def test_tiny_loop_runs_with_the_vllm_engine(tiny, tmp_path, monkeypatch):
     "The whole tiny CREAM loop with sampling.engine='vllm' (on the tiny Llama with heads of 32): the iteration samples through vLLM."
-    import cream_nb.vllm_engine as V
-    from cream_nb.config import apply_overrides, preset
-    from cream_nb.io import read_jsonl
-    from cream_nb.loop import CreamRun
-    from cream_nb.models import CheckpointRegistry
+    from cream_nb.models import vllm as V
+    from cream_nb.core.config import apply_overrides, preset
+    from cream_nb.core.artifacts import read_jsonl
+    from cream_nb.runs.run import CreamRun
+    from cream_nb.models.loading import CheckpointRegistry
     served = []
     orig = V.VLLMEngine._generate_batch
     def spy(self, prompt_ids, params, seed):
