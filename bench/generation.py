@@ -10,8 +10,8 @@ Workloads (the cpu-demo preset, SmolLM2-135M embedded, a LoRA adapter `m1` on it
 Rows, each on the same workload:
   one prompt at a time    model.generate per prompt (num_return_sequences=N), adapter unmerged, fp32 (a naive loop)
   sample_responses before the engine: model.generate per batch with num_return_sequences (copied below)
-  hf engine fp32 / bf16   cream_nb.engine.HFEngine with dtype float32 / bfloat16 ('auto' picks the default)
-  vllm engine             cream_nb.vllm_engine.VLLMEngine, run in the vLLM environment in a subprocess
+  hf engine fp32 / bf16   cream_nb.models.engine.HFEngine with dtype float32 / bfloat16 ('auto' picks the default)
+  vllm engine             cream_nb.models.vllm.VLLMEngine, run in the vLLM environment in a subprocess
 tokens/s counts every generated token (a response's tokens plus its end token). The ratios are to the one-prompt
 baseline of the same run; on a shared machine only they are comparable, so the load average is printed too.
 Peak RSS: the whole process's peak while the row ran (the model, data and earlier rows included), and how far it
@@ -58,10 +58,11 @@ def count_tokens(records, max_new:int) -> int:
 
 # ---- the old path (sample_responses before the engine), kept for comparison --------------------------------
 def old_sample_responses(model, tokenizer, prompts, cfg, greedy=False):
-    "cream_nb.sampling.sample_responses as it was before issue 13: model.generate per batch, num_return_sequences=N."
+    "cream_nb.stages.sampling.sample_responses as it was before issue 13: model.generate per batch, num_return_sequences=N."
     import torch
     from transformers import set_seed
-    from cream_nb.sampling import generation_config, chat_prompt_ids, length_batches, decode_responses, end_token_ids
+    from cream_nb.stages.sampling import generation_config
+    from cream_nb.models.engine import chat_prompt_ids, length_batches, decode_responses, end_token_ids
     rows = [(r['id'], r['messages']) for r in prompts]
     ids = [chat_prompt_ids(tokenizer, m) for _, m in rows]
     gen = generation_config(model, tokenizer, cfg, greedy)
@@ -84,8 +85,9 @@ def one_at_a_time(model, tokenizer, prompts, cfg, greedy=False):
 
 # ---- workloads ---------------------------------------------------------------------------------------------
 def workloads(quick:bool):
-    from cream_nb.config import preset
-    from cream_nb.data import load_prompt_pool, split_prompts, load_test_set
+    from cream_nb.core.config import preset
+    from cream_nb.data.sources import load_prompt_pool, load_test_set
+    from cream_nb.data.records import split_prompts
     cfg = preset('cpu-demo')
     pool = load_prompt_pool(source='offline', tasks=cfg.data.tasks, seed=cfg.data.seed)
     prompts = split_prompts(pool, cfg.loop.iterations, per_iteration=cfg.data.prompts_per_iteration, seed=cfg.data.seed)[0]
@@ -97,7 +99,7 @@ def workloads(quick:bool):
 def setup_model(cfg):
     "M0 (embedded SmolLM2-135M) with a LoRA adapter m1 as the loop makes it (fresh adapter, as after add_adapter)."
     import torch
-    from cream_nb.models import load_model, add_adapter
+    from cream_nb.models.loading import load_model, add_adapter
     model, tok = load_model(cfg.model)
     torch.manual_seed(0)
     model = add_adapter(model, 'm1', cfg.model).eval()
@@ -111,9 +113,9 @@ def setup_model(cfg):
 def vllm_worker(args):
     "Runs inside the vLLM environment: both workloads through VLLMEngine, results as JSON on stdout's last line."
     import torch
-    from cream_nb.engine import GenParams
-    from cream_nb.models import embedded_model_dir, load_tokenizer
-    from cream_nb.vllm_engine import VLLMEngine
+    from cream_nb.models.engine import GenParams
+    from cream_nb.models.loading import embedded_model_dir, load_tokenizer
+    from cream_nb.models.vllm import VLLMEngine
     job = json.loads(Path(args.vllm_worker).read_text())
     base = embedded_model_dir()
     tok = load_tokenizer(base)
@@ -160,8 +162,9 @@ def main():
 
     import torch
     from dataclasses import replace
-    from cream_nb.engine import HFEngine, GenParams, cpu_has_bf16, generation_dtype
-    from cream_nb.models import save_model
+    from cream_nb.models.engine import HFEngine, GenParams
+    from cream_nb.models.precision import cpu_has_bf16, generation_dtype
+    from cream_nb.models.loading import save_model
     t_start, load0 = time.time(), os.getloadavg()
     cfg, prompts, questions = workloads(args.quick)
     model, tok = setup_model(cfg)

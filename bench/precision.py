@@ -7,7 +7,7 @@ Workloads (the cpu-demo preset, SmolLM2-135M embedded, the run's SFT adapter m1)
            scored by m1 and m0 (adapters off), each prompt once (the default path); r_1 = log pi_1 - log pi_0 as in
            iteration 1, pairs = (argmax, argmin) of r_1; M0's length-normalised likelihood ranks too (the previous reward)
   eval:    100 multiple-choice questions (25 each of ARC-Easy, ARC-Challenge, OpenBookQA, SIQA) scored by m1, loglik protocol
-bf16 = `cream_nb.rewards.matmul_precision`: bf16 autocast for the matmuls, output layer, log-softmax and sums in fp32.
+bf16 = `cream_nb.models.precision.matmul_precision`: bf16 autocast for the matmuls, output layer, log-softmax and sums in fp32.
 Bars (issue 20): pairs identical for >= 98% of prompts (scoring), predicted options identical for >= 99% (eval).
 Times are the best of --repeats runs, precisions interleaved; the machine is shared, so only the ratio compares.
 """
@@ -30,12 +30,14 @@ def main():
     import numpy as np, torch
     from dataclasses import replace
     from scipy.stats import kendalltau
-    from cream_nb.data import load_test_set
-    from cream_nb.engine import HFEngine, GenParams
-    from cream_nb.evaluate import loglik_predictions, MC_LABELS
-    from cream_nb.io import read_jsonl, write_jsonl
-    from cream_nb.models import load_adapter, load_model, use_model
-    from cream_nb.rewards import score_samples, bf16_matmuls, implicit_reward, normalized_likelihood
+    from cream_nb.data.sources import load_test_set
+    from cream_nb.models.engine import HFEngine, GenParams
+    from cream_nb.stages.evaluate import loglik_predictions
+    from cream_nb.data.answers import MC_LABELS
+    from cream_nb.core.artifacts import read_jsonl, write_jsonl
+    from cream_nb.models.loading import load_adapter, load_model, use_model
+    from cream_nb.stages.rewards import score_samples, implicit_reward, normalized_likelihood
+    from cream_nb.models.precision import bf16_matmuls
     t_start, load0 = time.time(), os.getloadavg()
     cfg, prompts, _ = workloads(False)
     model, tok = load_model(cfg.model)

@@ -29,14 +29,14 @@ from generation import matmul_peak, setup_model, workloads   # the same workload
 
 def samples_for(cfg, model, tok, prompts, path:Path, run_dir):
     "Iteration 1's samples: the run's (with its prompts), else cached in `path`, else sampled now with the hf engine."
-    from cream_nb.io import read_jsonl, write_jsonl
+    from cream_nb.core.artifacts import read_jsonl, write_jsonl
     if run_dir:
         it = Path(run_dir)/'iter1'
         return [dict(r) for r in read_jsonl(it/'prompts.jsonl')], read_jsonl(it/'samples.jsonl'), f"run {run_dir} (iteration 1)"
     if path.exists():
         s = read_jsonl(path)
         if [r['prompt_id'] for r in s] == [p['id'] for p in prompts]: return prompts, s, f"cached {path}"
-    from cream_nb.engine import HFEngine, GenParams
+    from cream_nb.models.engine import HFEngine, GenParams
     s = HFEngine(model, tok).generate('m1', prompts, GenParams.sampling(cfg.sampling))
     write_jsonl(s, path)
     return prompts, s, f"sampled now with the hf engine (kept in {path})"
@@ -60,14 +60,16 @@ def main():
 
     import torch
     from dataclasses import replace
-    from cream_nb.config import EvalConfig
-    from cream_nb.data import load_test_set
-    from cream_nb.evaluate import loglik_predictions, MC_LABELS
-    from cream_nb.rewards import score_samples, build_sequence, _pairs
+    from cream_nb.core.config import EvalConfig
+    from cream_nb.data.sources import load_test_set
+    from cream_nb.stages.evaluate import loglik_predictions
+    from cream_nb.data.answers import MC_LABELS
+    from cream_nb.stages.rewards import score_samples, _pairs
+    from cream_nb.models.logprobs import build_sequence
     t_start, load0 = time.time(), os.getloadavg()
     cfg, prompts, _ = workloads(args.quick)
     if args.run_dir:                                     # the run's SFT result m1 on the base
-        from cream_nb.models import load_adapter, load_model
+        from cream_nb.models.loading import load_adapter, load_model
         model, tok = load_model(cfg.model)
         model = load_adapter(model, Path(args.run_dir)/'m1', 'm1').eval()
     else: model, tok = setup_model(cfg)
@@ -102,7 +104,7 @@ def main():
     ref, own = eres['lm-eval (HFLM)'][1], eres['shared prefix'][1]
     diff_e = max(abs(a - b) for o, r in zip(own, ref) for a, b in zip(o['loglik'], r['loglik']))
     same = sum(o['extracted'] == r['extracted'] for o, r in zip(own, ref)); same_n = sum(o['extracted_norm'] == r['extracted_norm'] for o, r in zip(own, ref))
-    from cream_nb.evaluate import harness_pair_ids
+    from cream_nb.stages.evaluate import harness_pair_ids
     e_tok = sum(len(c) + len(x) for q in questions for c, x in
                 [harness_pair_ids(tok, f"Question: {d['question']}\nAnswer:", f" {ch}") for d in [_doc(q)] for ch in d['choices']])
 
@@ -121,7 +123,7 @@ def main():
 
 def _doc(rec):
     "The question and option texts of a multiple-choice record, as the loglik protocol scores them."
-    from cream_nb.data import parse_prompt
+    from cream_nb.data.records import parse_prompt
     q, ch = parse_prompt(rec['messages'][-1]['content'])
     return dict(question=q, choices=list(ch.values()))
 

@@ -202,7 +202,7 @@ def test_tutorial_runs_in_jupyterlab_and_its_widgets_work(jupyterlab, tmp_path):
 
 @pytest.fixture(scope='module')
 def inspect_docs(tmp_path_factory):
-    """The docs pages of nbs/11_inspect.ipynb and the tutorial, built with tools/build_docs.py's own steps
+    """The docs pages of nbs/63_reporting.widgets.ipynb and the tutorial, built with tools/build_docs.py's own steps
     (nbdev's doc processors, staging, MkDocs --strict) from those notebooks and the index only, so that
     a notebook elsewhere that is mid-edit cannot break this check (`make docs` builds them all)."""
     sys.path.insert(0, str(ROOT/'tools'))
@@ -210,7 +210,7 @@ def inspect_docs(tmp_path_factory):
     from nbdev.config import get_config
     from nbdev.serve import proc_nbs
     cfg = get_config(str(ROOT))
-    srcs = [Path('index.ipynb'), Path('11_inspect.ipynb'), Path(TUTORIAL).relative_to('nbs')]
+    srcs = [Path('index.ipynb'), Path('63_reporting.widgets.ipynb'), Path(TUTORIAL).relative_to('nbs')]
     tmp = tmp_path_factory.mktemp('inspect-docs')
     cwd = os.getcwd(); os.chdir(ROOT)
     try:

@@ -131,7 +131,7 @@ def _starts(root:Path) -> dict:
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp('tinycmp')/'cmp'
-    tab = compare_.compare('tiny', ['m1', 'dpo', 'cream-avg'], root)
+    tab = C.write_tables(compare_.compare('tiny', ['m1', 'dpo', 'cream-avg'], root))
     return root, tab
 
 @pytest.mark.slow

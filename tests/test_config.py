@@ -45,7 +45,6 @@ def test_preset_models():
     ('consistency.fixed=-0.1', 'consistency.fixed = -0.1 is invalid'),
     ('consistency.method="pearson"', "consistency.method = 'pearson' is invalid: allowed one of 'kendall', 'spearman', 'toporder'"),
     ('consistency.mode="max"', "consistency.mode = 'max' is invalid: allowed one of 'avg', 'dyn'"),
-    ('loop.method="ppo"', "loop.method = 'ppo' is invalid: allowed one of 'cream', 'srlm', 'dpo', 'oracle'"),
     ('loop.iterations=0', 'loop.iterations = 0 is invalid'),
     ('reward.judge_scoring="sample"', "reward.judge_scoring = 'sample' is invalid: allowed one of 'generate', 'expected'"),
     ('eval.tasks=["mmlu"]', "eval.tasks = 'mmlu' is invalid"),
@@ -97,3 +96,15 @@ def test_judge_scoring_per_preset():
     for name in ('tiny', 'paper-llama3', 'paper-llama2', 'paper-llama3-qlora', 'paper-llama2-qlora'):
         assert preset(name).reward.judge_scoring == 'generate', name
     assert apply_overrides(preset('tiny'), ['reward.judge_scoring=expected']).reward.judge_scoring == 'expected'
+
+
+def test_method_names_are_checked_by_the_registry_when_a_run_starts(tmp_path):
+    "config holds plain values (it imports no layer above it); the registry refuses an unknown method or length control."
+    from cream_nb.methods.registry import method_for
+    from cream_nb.runs.run import CreamRun
+    cfg = apply_overrides(preset('tiny'), ['loop.method="ppo"'])          # a config may name anything
+    with pytest.raises(ConfigError, match="unknown method 'ppo': known methods are 'cream', 'srlm', 'dpo', 'oracle'"): method_for(cfg)
+    with pytest.raises(ConfigError, match="unknown method 'ppo'"): CreamRun(cfg, tmp_path/'run', progress=False)
+    assert not (tmp_path/'run').exists()                                  # refused before anything is written
+    bad = apply_overrides(preset('tiny'), ['reward.length_control="zipf"'])
+    with pytest.raises(ConfigError, match="reward.length_control = 'zipf' is invalid: allowed one of 'off', 'dice'"): method_for(bad)

@@ -40,7 +40,7 @@ def site(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_index_and_one_page_per_notebook(site):
     nbs = bd.notebooks(NBS)
-    assert Path('index.ipynb') in nbs and Path('00_config.ipynb') in nbs
+    assert Path('index.ipynb') in nbs and Path('00_core.config.ipynb') in nbs
     for src in nbs:
         page = site/expected_page(src)
         assert page.is_file(), f"no page {page.name} for nbs/{src}"
@@ -51,7 +51,7 @@ def test_index_and_one_page_per_notebook(site):
 
 @pytest.mark.slow
 def test_nav_links_every_page_in_notebook_order(site):
-    s = (site/'config.html').read_text(encoding='utf-8')
+    s = (site/'core.config.html').read_text(encoding='utf-8')
     links = list(dict.fromkeys(re.findall(r'<a href="([^"#]+\.html)" class="md-nav__link', s)))
     order = sorted(bd.notebooks(NBS), key=lambda p: (len(p.parts) > 1, p.name != 'index.ipynb', str(p)))
     assert links == [str(expected_page(p)) for p in order]
@@ -60,8 +60,8 @@ def test_nav_links_every_page_in_notebook_order(site):
 @pytest.mark.slow
 def test_config_page_shows_api_docs_and_outputs(site):
     from cream_nb.core.config import CreamConfig, preset, apply_overrides, describe
-    page = (site/'config.html').read_text(encoding='utf-8')
-    text = text_of(site/'config.html')
+    page = (site/'core.config.html').read_text(encoding='utf-8')
+    text = text_of(site/'core.config.html')
     for f in (preset, CreamConfig, apply_overrides, describe):  # show_doc: heading with an anchor, signature, docstring
         assert f'id="{f.__name__.lower()}"' in page, f.__name__
         assert f.__doc__.replace('`', '') in text, f.__name__
@@ -89,7 +89,7 @@ def test_site_is_offline(site):
         assert not re.search(r'<(script|link)[^>]+(src|href)="(https?:)?//', f.read_text(encoding='utf-8')), f
     for a in ('assets/plotly.min.js', 'assets/mathjax/MathJax.js', 'assets/iframe-worker-shim.js', 'search/search_index.js'):
         assert (site/a).is_file(), a
-    assert (site/'config.html').read_text().count('assets/mathjax/MathJax.js') == 1
+    assert (site/'core.config.html').read_text().count('assets/mathjax/MathJax.js') == 1
 
 def test_quarto_config_kept_for_nbdev_docs():
     q, n = (NBS/'_quarto.yml').read_text(), (NBS/'nbdev.yml').read_text()
@@ -160,13 +160,16 @@ def test_plotly_html_is_stable():
     fig = {'data': [{'type': 'bar', 'x': ['a'], 'y': [1]}], 'layout': {}}
     assert bd.plotly_html(fig) == bd.plotly_html(json.loads(json.dumps(fig)))
 
-def test_nav_orders_notebooks_and_makes_folder_sections():
+def test_nav_orders_notebooks_and_makes_layer_and_folder_sections():
     P = lambda src, page, title: dict(src=Path(src), page=Path(page), title=title)
-    pages = [P('10_loop.ipynb', 'loop.ipynb', 'Loop'), P('tutorials/02_b.ipynb', 'tutorials/b.ipynb', 'B'),
-             P('00a_io.ipynb', 'io.ipynb', 'I/O'), P('index.ipynb', 'index.ipynb', 'cream_nb'),
-             P('tutorials/01_a.ipynb', 'tutorials/a.ipynb', 'A'), P('00_config.ipynb', 'config.ipynb', 'Configuration')]
-    assert bd.nav(pages) == [{'Overview': 'index.ipynb'}, {'Configuration': 'config.ipynb'}, {'I/O': 'io.ipynb'},
-                             {'Loop': 'loop.ipynb'}, {'Tutorials': [{'A': 'tutorials/a.ipynb'}, {'B': 'tutorials/b.ipynb'}]}]
+    pages = [P('50_runs.stage.ipynb', 'runs.stage.ipynb', 'Stages'), P('tutorials/02_b.ipynb', 'tutorials/b.ipynb', 'B'),
+             P('01_core.artifacts.ipynb', 'core.artifacts.ipynb', 'Artifacts'), P('index.ipynb', 'index.ipynb', 'cream_nb'),
+             P('tutorials/01_a.ipynb', 'tutorials/a.ipynb', 'A'), P('00_core.config.ipynb', 'core.config.ipynb', 'Configuration'),
+             P('70_cli.ipynb', 'cli.ipynb', 'The cream command')]
+    assert bd.nav(pages) == [{'Overview': 'index.ipynb'},
+                             {'Core': [{'Configuration': 'core.config.ipynb'}, {'Artifacts': 'core.artifacts.ipynb'}]},
+                             {'Runs': [{'Stages': 'runs.stage.ipynb'}]}, {'The cream command': 'cli.ipynb'},
+                             {'Tutorials': [{'A': 'tutorials/a.ipynb'}, {'B': 'tutorials/b.ipynb'}]}]
 
 def test_external_assets_found(tmp_path):
     (tmp_path/'a.html').write_text('<script src="https://cdn.invalid/x.js"></script><link rel="stylesheet" href="//cdn.invalid/y.css">'
