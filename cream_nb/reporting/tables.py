@@ -17,14 +17,20 @@ from ..core.config import preset, save_config
 from ..core.artifacts import write_jsonl
 
 # %% auto #0
-__all__ = ['method_models', 'predictions', 'accuracy_cells', 'paired_mdd', 'paired_tests', 'consistency_table', 'movement_table',
-           'reward_accuracy_table', 'judge_table', 'consistency_statistics', 'reward_accuracy_statistics',
-           'table_statistics', 'compare_dirs', 'compare_tables', 'write_tables', 'accuracy_text', 'tests_text',
-           'consistency_text', 'reward_accuracy_text', 'judge_text', 'compare_text', 'synthetic_comparison', 'num',
-           'summary_table', 'status_text']
+__all__ = ['num', 'method_models', 'predictions', 'accuracy_cells', 'paired_mdd', 'paired_tests', 'consistency_table',
+           'movement_table', 'reward_accuracy_table', 'judge_table', 'consistency_statistics',
+           'reward_accuracy_statistics', 'table_statistics', 'compare_dirs', 'compare_tables', 'write_tables',
+           'accuracy_text', 'tests_text', 'consistency_text', 'reward_accuracy_text', 'judge_text', 'compare_text',
+           'synthetic_comparison', 'summary_table', 'status_text']
 
 # %% ../../nbs/60_reporting.tables.ipynb #7d05c2a5
 from ..core.stats import wilson_interval, mcnemar_exact, binomial_test, two_proportion_test, bootstrap_mean_interval, permutation_test, mdd_means, mdd_proportions, mdd_paired_proportions
+
+def num(x, nd:int=3) -> str:
+    "A number for a table: '-' for None, floats with `nd` decimals, anything else as `str`."
+    if x is None: return '-'
+    if isinstance(x, float): return f"{x:.{nd}f}"
+    return str(x)
 
 # %% ../../nbs/60_reporting.tables.ipynb #f9520d4d
 def _eval_dir(run_dir:Path, model:str) -> Path:
@@ -343,12 +349,6 @@ def synthetic_comparison(root:Path, seed:int=0) -> Path:
     return root
 
 # %% ../../nbs/60_reporting.tables.ipynb #6e5693eb
-def num(x, nd:int=3) -> str:
-    "A number for a table: '-' for None, floats with `nd` decimals, anything else as `str`."
-    if x is None: return '-'
-    if isinstance(x, float): return f"{x:.{nd}f}"
-    return str(x)
-
 def _acc_cell(ev:dict, t:str, n_in_head:bool) -> str:
     "'0.250 [0.05,0.70]': accuracy and its 95% interval (with '/n' when the header does not give n)."
     acc, n, iv = metrics_intervals(ev).get(t, (None, None, None))
