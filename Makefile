@@ -73,7 +73,7 @@ $(CHROMIUM):
 test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM)
 	$(PY) tools/check_sync.py
 	$(BIN)/nbdev-test --n-workers 1
-	$(VLLM_VENV)/bin/nbdev-test --n-workers 1 --flags vllm nbs/03b_vllm_engine.ipynb
+	$(VLLM_VENV)/bin/nbdev-test --n-workers 1 --flags vllm nbs/23_models.vllm.ipynb
 	$(VLLM_PY) -m pytest tests/with_vllm -ra
 	$(BIN)/pytest tests/ -ra --ignore=tests/with_vllm
 
