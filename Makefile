@@ -72,7 +72,7 @@ $(CHROMIUM):
 ## tests in .venv-vllm, then the main pytest (its summary line last)
 test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM)
 	$(PY) tools/check_sync.py
-	$(BIN)/nbdev-test --n-workers 1
+	$(BIN)/nbdev-test --n-workers 1 --flags slow
 	$(VLLM_VENV)/bin/nbdev-test --n-workers 1 --flags vllm nbs/23_models.vllm.ipynb
 	$(VLLM_PY) -m pytest tests/with_vllm -ra
 	$(BIN)/pytest tests/ -ra --ignore=tests/with_vllm

@@ -11,20 +11,11 @@ from pathlib import Path
 from .core.config import CreamConfig, PRESETS, preset, load_config, apply_overrides, ConfigError, describe
 from .core.artifacts import ArtifactError, RunLocked, read_json
 from .core.processes import is_writer, world_size, finish, rank
-from .reporting.tables import status_text, summary_table
-from .runs.compare import comparison_methods, describe_method, DEFAULT_METHODS
-from .methods.registry import method_names
-from .runs.run import CreamRun
 from .core.config import EvalConfig
-from .stages.evaluate import evaluate
-from .models.loading import load_model
-from .runs.compare import compare
-from .reporting.tables import compare_text
-from .core.artifacts import StageMismatch
-from .data.records import DataError
-from .core.artifacts import reading_only
-from .reporting.report import report_html, is_comparison
-from .reporting.tables import write_tables
+from .core.artifacts import StageMismatch, reading_only
+from .methods.registry import method_names, comparison_methods, describe_method, DEFAULT_METHODS   # the registry is light
+# Everything that imports torch or transformers is imported by the command that needs it, so `cream --help`
+# and a refused argument answer at once (DEVELOPING.md: the only function-local imports of the package).
 
 # %% auto #0
 __all__ = ['add_compare_parser', 'build_parser', 'resolve_config', 'main']
@@ -41,7 +32,7 @@ def add_compare_parser(sub):
                    help="; ".join(f"{k}: {describe_method(k)}" for k in comparison_methods()))
     c.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.FIELD=VALUE', help="override a config field (repeatable)")
     c.add_argument('--iterations', type=int, help="T, self-rewarding iterations (loop.iterations)")
-    c.add_argument('--reference', default='cream-avg', help="the method every other one is tested against (McNemar)")
+    c.add_argument('--reference', default=None, help="the method every other one is tested against (McNemar; default cream-avg when compared, else the last method)")
     c.add_argument('--force', action='store_true', help="redo finished stages whose settings changed")
     c.add_argument('--quiet', action='store_true', help="no progress bars")
     return c
@@ -98,11 +89,12 @@ def resolve_config(args) -> CreamConfig:
         if v and not Path(v).is_absolute(): cfg = apply_overrides(cfg, [f'data.{k}={json.dumps(str(Path(v).absolute()))}'])
     return cfg
 
-# %% ../nbs/70_cli.ipynb #8400f85b
+# %% ../nbs/70_cli.ipynb #40e3e83d
 def _say():
     "print on the main process; under accelerate launch the other processes say nothing."
     return print if is_writer() else (lambda *a, **k: None)
 
+# %% ../nbs/70_cli.ipynb #2b02701d
 def _processes_note(cfg) -> str:
     "Under accelerate launch: how many processes, and the global batch each training stage then has."
     n = world_size()
@@ -110,6 +102,7 @@ def _processes_note(cfg) -> str:
     b = lambda c: f"{c.batch_size} x {n} processes x {c.grad_accum} accumulation = {c.batch_size * n * c.grad_accum}"
     return f" on {n} processes (the main one writes, all share the work); global batch: SFT {b(cfg.sft)}, DPO {b(cfg.dpo)}"
 
+# %% ../nbs/70_cli.ipynb #cb4cd5bd
 def _check_run_dir(d:Path):
     "Refuse a --run-dir that is a file or cannot be written, in one line, before anything runs."
     if d.exists() and not d.is_dir(): raise ConfigError(f"--run-dir {d} is a file, not a directory: give a directory path (it is created if missing)")
@@ -117,7 +110,10 @@ def _check_run_dir(d:Path):
     except OSError as e: raise ConfigError(f"--run-dir {d} cannot be created ({e.strerror}): give a directory you can write") from None
     if not os.access(d, os.W_OK | os.X_OK): raise ConfigError(f"--run-dir {d} is not writable: give a directory you can write")
 
+# %% ../nbs/70_cli.ipynb #d8d9d916
 def _cmd_run(args) -> int:
+    from cream_nb.runs.run import CreamRun
+    from cream_nb.reporting.tables import summary_table
     cfg = resolve_config(args)
     _check_run_dir(args.run_dir)
     t0 = time.time()
@@ -130,13 +126,17 @@ def _cmd_run(args) -> int:
     finish()   # under accelerate launch the processes leave together
     return 0
 
+# %% ../nbs/70_cli.ipynb #944f01a3
 def _cmd_eval(args) -> int:
+    from cream_nb.runs.run import CreamRun
+    from cream_nb.stages.evaluate import evaluate
+    from cream_nb.models.loading import load_model
     if args.limit is not None and args.limit < 1: raise ConfigError(f"--limit {args.limit} is invalid: give the number of questions per task, >= 1 (omit it for all)")
     target = Path(args.target)
     if (target/'config.json').exists():
         run = CreamRun(load_config(target/'config.json'), target)
         names = run.registry.names()
-        if args.checkpoint is None and names == ['m0']:   # never evaluate M0 as "the newest" without being asked
+        if args.checkpoint is None and names in ([], ['m0']):   # never evaluate M0 as "the newest" without being asked (nor index an empty registry)
             raise ArtifactError(f"{target} has no trained checkpoint in {target/'checkpoints.json'} yet: finish the run "
                                 "(cream run --run-dir ...) or pass --checkpoint m0 to evaluate the initial model")
         name = args.checkpoint or names[-1]
@@ -151,28 +151,43 @@ def _cmd_eval(args) -> int:
     print(json.dumps({k: res[k] for k in ('accuracy', 'average', 'n')}, indent=2))
     return 0
 
+# %% ../nbs/70_cli.ipynb #b96e7d72
 def _cmd_compare(args) -> int:
+    from cream_nb.runs.compare import compare
+    from cream_nb.reporting.tables import compare_text, write_tables
+    from cream_nb.reporting.report import report_html
     saved = args.run_dir/'compare_config.json'   # a comparison resumed without --preset/--config keeps its settings
     cfg = load_config(args.config) if args.config else preset(args.preset) if args.preset else load_config(saved) if saved.exists() else preset('cpu-demo')
     cfg = apply_overrides(cfg, list(args.overrides) + ([f'loop.iterations={args.iterations}'] if args.iterations is not None else []))
+    ref = args.reference or ('cream-avg' if 'cream-avg' in args.methods else args.methods[-1])
+    if ref not in args.methods: raise ConfigError(f"--reference {ref} is not one of --methods ({', '.join(args.methods)}): name the method the others are tested against")
     t0 = time.time()
     say = _say()
     say(f"cream: comparing {', '.join(args.methods)} on the {cfg.preset or 'custom'} config in {args.run_dir}{_processes_note(cfg)}", flush=True)
     compare(cfg, args.methods, args.run_dir, force=args.force, progress=not args.quiet)
     if not is_writer(): finish(); return 0   # under accelerate launch the main process writes the report and prints the tables
-    with reading_only(not is_writer()): write_tables(args.run_dir, args.reference)   # compare.json
-    report = report_html(args.run_dir, reference=args.reference)
+    with reading_only(not is_writer()): write_tables(args.run_dir, ref)   # compare.json
+    report = report_html(args.run_dir, reference=ref)
     tab = read_json(args.run_dir/'compare.json')
     print(f"\ncream: comparison finished in {time.time()-t0:.0f} s\n\n{compare_text(tab)}\n\nreport: {report}")
     finish()
     return 0
 
+# %% ../nbs/70_cli.ipynb #ebc5ce63
 def _is_comparison(args) -> bool:
+    from cream_nb.reporting.report import is_comparison
     return args.command == 'report' and is_comparison(args.run_dir)   # `cream report` takes a comparison directory too
 
+# %% ../nbs/70_cli.ipynb #83529584
 def _cmd_report(args) -> Path:
+    from cream_nb.reporting.report import report_html
     return report_html(args.run_dir, args.output)
 
+def _status(args) -> str:
+    from cream_nb.reporting.tables import status_text
+    return status_text(args.run_dir)
+
+# %% ../nbs/70_cli.ipynb #5bd33882
 def main(argv=None) -> int:
     "The `cream` console script."
     import logging
@@ -185,16 +200,16 @@ def main(argv=None) -> int:
             raise ConfigError(f"{args.run_dir} is not a run directory (it has no config.json): give the --run-dir of a `cream run`")
         if args.command == 'run': return _cmd_run(args)
         if args.command == 'eval': return _cmd_eval(args)
-        if args.command == 'status': print(status_text(args.run_dir)); return 0
+        if args.command == 'status': print(_status(args)); return 0
         if args.command == 'report': print(f"report written to {_cmd_report(args)}"); return 0
         if args.command == 'compare': return _cmd_compare(args)
         if args.command == 'config': print(describe(preset(args.preset))); return 0
-    except (ConfigError, StageMismatch, ArtifactError, KeyError, FileNotFoundError, DataError, RunLocked) as e:
+    except Exception as e:
+        from cream_nb.data.records import DataError   # datasets: imported only when something went wrong
+        if not isinstance(e, (ConfigError, StageMismatch, ArtifactError, KeyError, FileNotFoundError, DataError, RunLocked)): raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cream: error: {msg}" if is_writer() else f"cream: error (process {rank()}): {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ncream: interrupted; finished stages are kept. Rerun the same command to resume.", file=sys.stderr); return 130
     return 1
-
-

@@ -119,6 +119,34 @@ def test_prompts_without_a_ranking_are_left_out_and_said(tmp_path):
 def test_empty_comparison_dir_says_what_to_do(tmp_path):
     with pytest.raises(Exception, match='run `cream compare` first'): C.compare_tables(tmp_path)
 
+def test_shared_stage_files_are_read_only(tmp_path):
+    "A file the stage cache links into several runs cannot be edited in place; atomic rewrites and a forced redo still work."
+    import os, stat
+    from cream_nb.runs.cache import StageCache, using_cache
+    from cream_nb.runs.stage import run_stage
+    from cream_nb.core.artifacts import atomic_path
+    cache = StageCache(tmp_path/'_shared')
+    def make(run):   # a declared output in a folder, and a file beside the marker the stage does not declare
+        (run/'x').mkdir(exist_ok=True); (run/'x'/'out.txt').write_text('made'); (run/'side.json').write_text('{}')
+    for r in ('a', 'b', 'c'):
+        (tmp_path/r).mkdir()
+        with using_cache(cache): run_stage('s', tmp_path/r/'_stage_s.json', 'fp1', {}, [tmp_path/r/'x'], lambda: make(tmp_path/r), StageLog(tmp_path/r/'stages.jsonl'))
+    assert [e['event'] for e in StageLog(tmp_path/'c'/'stages.jsonl').events()] == ['shared']
+    for rel in ('x/out.txt', 'side.json'):
+        files = [tmp_path/r/rel for r in 'abc'] + [cache.entry('s', 'fp1')/'files'/rel]
+        assert all(os.path.samefile(files[0], f) for f in files[1:])
+        # the tests run as root here, and root ignores file permissions: the mode bits are what can be checked then
+        assert all(stat.S_IMODE(f.stat().st_mode) & 0o222 == 0 for f in files)
+        if os.geteuid() != 0:
+            with pytest.raises(PermissionError): open(files[1], 'a')
+    assert stat.S_IMODE((tmp_path/'b'/'x').stat().st_mode) & 0o200          # folders stay writable
+    a, b = tmp_path/'a'/'x'/'out.txt', tmp_path/'b'/'x'/'out.txt'
+    with atomic_path(b) as tmp: tmp.write_text('rewritten')                # our writes rename a new file over the link
+    assert (b.read_text(), a.read_text()) == ('rewritten', 'made')
+    run_stage('s', tmp_path/'a'/'_stage_s.json', 'fp2', {'v': 2}, [tmp_path/'a'/'x'], lambda: make(tmp_path/'a'),
+              StageLog(tmp_path/'a'/'stages.jsonl'), force=True)             # a forced redo drops the read-only outputs first
+    assert (tmp_path/'c'/'x'/'out.txt').read_text() == 'made' and not os.path.samefile(a, tmp_path/'c'/'x'/'out.txt')
+
 # ---------------------------------------------------------------- a real comparison on tiny
 
 def _starts(root:Path) -> dict:

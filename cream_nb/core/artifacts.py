@@ -9,18 +9,15 @@ from __future__ import annotations
 import json, os, shutil, tempfile, contextlib, contextvars
 from pathlib import Path
 from typing import Iterable
-import contextlib, contextvars, hashlib, json, logging, os, shutil, time
+import hashlib, logging, time
 from fastcore.basics import patch
-
-# Noise that says nothing about a run: bitsandbytes' attempt to download a CPU kernel from the Hub (it falls
-# back to its own), and a deprecation inside transformers that TRL's SFTTrainer triggers.
 
 # %% auto #0
 __all__ = ['ArtifactError', 'reading_only', 'writes_reach_disk', 'atomic_path', 'write_json', 'read_json', 'write_jsonl',
            'read_jsonl', 'save_dataset', 'load_dataset_dir', 'RunLocked', 'RunLock', 'check_weights', 'fingerprint',
            'StageMismatch']
 
-# %% ../../nbs/01_core.artifacts.ipynb #8e7c57d2
+# %% ../../nbs/01_core.artifacts.ipynb #68729cc6
 class ArtifactError(RuntimeError):
     "An artifact in a run directory is missing or corrupt; the message names the file."
 
@@ -37,6 +34,7 @@ def writes_reach_disk() -> bool:
     "False inside `reading_only`: what is written here is thrown away."
     return not _READING_ONLY.get()
 
+# %% ../../nbs/01_core.artifacts.ipynb #95152888
 @contextlib.contextmanager
 def atomic_path(path):
     "Yield a temporary path beside `path`; on success rename it to `path` (file or directory)."
@@ -55,12 +53,13 @@ def atomic_path(path):
         if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists(): tmp.unlink()
 
-# %% ../../nbs/01_core.artifacts.ipynb #c34bcafc
+# %% ../../nbs/01_core.artifacts.ipynb #b4051ae6
 def write_json(obj, path) -> Path:
     "Write `obj` as indented JSON, atomically."
     with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     return Path(path)
 
+# %% ../../nbs/01_core.artifacts.ipynb #4b0bf4e4
 def read_json(path):
     "Read a JSON artifact; a missing or corrupt file raises `ArtifactError` naming it."
     path = Path(path)
@@ -68,12 +67,14 @@ def read_json(path):
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ArtifactError(f"{path} is corrupt (not valid JSON: {e})")
 
+# %% ../../nbs/01_core.artifacts.ipynb #ca8774d3
 def write_jsonl(records:Iterable[dict], path) -> Path:
     "Write one JSON object per line, atomically."
     with atomic_path(path) as tmp, open(tmp, 'w') as f:
         for r in records: f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return Path(path)
 
+# %% ../../nbs/01_core.artifacts.ipynb #66da15a4
 def read_jsonl(path) -> list[dict]:
     "Read a JSONL artifact; a bad line raises `ArtifactError` naming the file and line."
     path = Path(path)
@@ -88,13 +89,14 @@ def read_jsonl(path) -> list[dict]:
             out.append(r)
     return out
 
-# %% ../../nbs/01_core.artifacts.ipynb #9b555205
+# %% ../../nbs/01_core.artifacts.ipynb #bf282798
 def save_dataset(ds, path) -> Path:
     "`Dataset.save_to_disk`, atomically (the directory appears only when complete)."
     # an empty dataset needs one (empty) shard, or `load_from_disk` cannot read it back
     with atomic_path(path) as tmp: ds.save_to_disk(str(tmp), **({'num_shards': 1} if len(ds) == 0 else {}))
     return Path(path)
 
+# %% ../../nbs/01_core.artifacts.ipynb #7d4c41a9
 def load_dataset_dir(path):
     "Load a dataset written by `save_dataset`; missing or corrupt raises `ArtifactError`."
     from datasets import load_from_disk
@@ -181,11 +183,12 @@ def check_weights(
         except Exception as e: raise ArtifactError(f"{f} is corrupt or cut short ({type(e).__name__}: {str(e)[:120]})") from None
     return folder
 
-# %% ../../nbs/01_core.artifacts.ipynb #5eea22aa
+# %% ../../nbs/01_core.artifacts.ipynb #b6644792
 def fingerprint(*parts) -> str:
     "A short stable hash of JSON-serialisable `parts`."
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+# %% ../../nbs/01_core.artifacts.ipynb #df25a1a2
 class StageMismatch(RuntimeError):
     "A finished stage was made from other inputs or another config than the current one."
 

@@ -230,7 +230,7 @@ class CreamConfig:
 
     def to_dict(self) -> dict: return asdict(self)
 
-# %% ../../nbs/00_core.config.ipynb #defb5ece
+# %% ../../nbs/00_core.config.ipynb #8b0e4093
 _TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'true or false', list: 'a JSON list', dict: 'a JSON object'}
 
 def _allowed_types(hint) -> tuple:
@@ -274,10 +274,12 @@ def config_from_dict(d:dict) -> CreamConfig:
     if unknown: raise ConfigError(f"unknown section(s) {sorted(unknown)}: known sections are {sorted(_SECTIONS)}")
     return CreamConfig(**{k: _build(cls, d.get(k) or {}, k) for k, cls in _SECTIONS.items()}, preset=preset)
 
+# %% ../../nbs/00_core.config.ipynb #ad042bec
 def save_config(cfg:CreamConfig, path) -> Path:
     "Write `cfg` as JSON, atomically (`cream_nb.core.artifacts.write_json`: a process that only reads the run writes nothing)."
     return write_json(cfg.to_dict(), path)
 
+# %% ../../nbs/00_core.config.ipynb #e08fa2ae
 def load_config(path) -> CreamConfig:
     "Read a JSON config written by `save_config` (or by hand)."
     path = Path(path)

@@ -12,12 +12,13 @@ import os
 __all__ = ['world_size', 'process_state', 'rank', 'is_writer', 'barrier', 'from_writer', 'gathered', 'my_share', 'finish',
            'shared_batches']
 
-# %% ../../nbs/03_core.processes.ipynb #85c044dc
+# %% ../../nbs/03_core.processes.ipynb #22bc31ac
 def world_size() -> int:
     "How many processes this run has: `WORLD_SIZE` as the launcher (accelerate, torchrun) sets it, else 1."
     try: return max(1, int(os.environ.get('WORLD_SIZE', '1')))
     except ValueError: raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer: unset it or launch with accelerate") from None
 
+# %% ../../nbs/03_core.processes.ipynb #91c78873
 def process_state():
     "accelerate's `PartialState`; processes launched on a machine without GPUs join as CPU processes (gloo)."
     import torch
@@ -25,6 +26,7 @@ def process_state():
     from accelerate.utils import parse_flag_from_env
     return PartialState(cpu=parse_flag_from_env('ACCELERATE_USE_CPU') or (world_size() > 1 and not torch.cuda.is_available()))
 
+# %% ../../nbs/03_core.processes.ipynb #84376ea8
 def rank() -> int:
     "This process's index, 0..world_size()-1 (0 without a launcher)."
     return process_state().process_index if world_size() > 1 else 0
@@ -33,11 +35,12 @@ def is_writer() -> bool:
     "Whether this process writes the run's artifacts: the main process (the only one without a launcher)."
     return rank() == 0
 
-# %% ../../nbs/03_core.processes.ipynb #e22f116f
+# %% ../../nbs/03_core.processes.ipynb #49d02b47
 def barrier():
     "Wait until every process gets here."
     if world_size() > 1: process_state().wait_for_everyone()
 
+# %% ../../nbs/03_core.processes.ipynb #54c92b29
 def from_writer(obj):
     "The main process's `obj` on every process (a decision it alone can take: the lock, the stage cache)."
     if world_size() == 1: return obj
@@ -45,12 +48,14 @@ def from_writer(obj):
     box = [obj]; broadcast_object_list(box, from_process=0)
     return box[0]
 
+# %% ../../nbs/03_core.processes.ipynb #d9ea8176
 def gathered(items:list) -> list:
     "Every process's `items`, concatenated in rank order, on every process."
     if world_size() == 1: return list(items)
     from accelerate.utils import gather_object
     return gather_object(list(items))
 
+# %% ../../nbs/03_core.processes.ipynb #a192ebd1
 def my_share(n:int) -> list[int]:
     "The indices of `n` units of work this process takes: every `world_size()`-th, starting at its rank."
     return list(range(rank(), n, world_size()))

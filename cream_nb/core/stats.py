@@ -10,7 +10,6 @@ import itertools, math
 import numpy as np
 from scipy import stats as _st
 from scipy.optimize import brentq
-import math
 from scipy.stats import rankdata
 
 # %% auto #0
@@ -159,7 +158,7 @@ def mdd_proportions(
     phi = math.asin(math.sqrt(p)) + (h / 2 if p <= 0.5 else -h / 2)
     return float(abs(math.sin(min(max(phi, 0.0), math.pi / 2))**2 - p))
 
-# %% ../../nbs/02_core.stats.ipynb #c82380e9
+# %% ../../nbs/02_core.stats.ipynb #7d8b269a
 def connor_n(
     delta:float, # accuracy difference p10 - p01 to detect
     discordant:float, # share psi = p10 + p01 of discordant questions (delta² <= psi)
@@ -172,6 +171,7 @@ def connor_n(
     za, zb = _st.norm.isf(alpha / 2), _st.norm.ppf(power)
     return (za * math.sqrt(discordant) + zb * math.sqrt(discordant - delta**2))**2 / delta**2
 
+# %% ../../nbs/02_core.stats.ipynb #d2b5a6a7
 def mdd_paired_proportions(
     n:int, # paired questions
     discordant:float, # share psi of them on which exactly one model is right

@@ -73,7 +73,7 @@ def format_prompt(
     if task == 'gsm8k': return q + "\n\n" + NUMBER_INSTRUCTION
     return q
 
-# %% ../../nbs/10_data.records.ipynb #36749e54
+# %% ../../nbs/10_data.records.ipynb #3de3ef7b
 _MC_TAIL = re.compile(r"\n\nThink step by step, then finish with 'Answer: X' where X is the (?:letter|number|label) of the correct option \([^\n]*\)\.\Z")
 
 def parse_prompt(content:str) -> tuple[str, dict]:
@@ -84,6 +84,7 @@ def parse_prompt(content:str) -> tuple[str, dict]:
     question, _, block = content[:m.start()].rpartition("\n\n")
     return question, dict(line.split(". ", 1) for line in block.split("\n"))
 
+# %% ../../nbs/10_data.records.ipynb #ac6bcd5c
 def _user_text(record:Mapping) -> str:
     return next(m['content'] for m in record['messages'] if m['role'] == 'user')
 
@@ -92,13 +93,14 @@ def question_key(prompt:str|Mapping) -> str:
     text = prompt if isinstance(prompt, str) else _user_text(prompt)
     return ' '.join(re.sub(r'[^0-9a-z]+', ' ', parse_prompt(text)[0].lower()).split())
 
-# %% ../../nbs/10_data.records.ipynb #28b81010
+# %% ../../nbs/10_data.records.ipynb #016689f5
 _NUMBER = re.compile(r'-?\d+(?:\.\d+)?')
 
 def record_id(task:str, content:str) -> str:
     "Content-derived id of the prompt `content` of `task`."
     return f"{task}-{hashlib.sha1(content.encode('utf-8')).hexdigest()[:12]}"
 
+# %% ../../nbs/10_data.records.ipynb #ca5a9784
 def prompt_record(
     task:str, # a name in RECORD_TASKS
     question:str, # the question text, without options
@@ -120,6 +122,7 @@ def prompt_record(
     return {'id': record_id(task, content), 'messages': messages, 'task': task,
             'choices': [{'label': l, 'text': t} for l, t in ch.items()], 'answer': answer}
 
+# %% ../../nbs/10_data.records.ipynb #633d8a90
 def choices_dict(record:Mapping) -> dict:
     "label -> option text of a record (empty for open questions)."
     return {c['label']: c['text'] for c in (record.get('choices') or [])}

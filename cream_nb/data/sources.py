@@ -365,7 +365,7 @@ def load_prompt_pool(
     log.info(f"prompt pool: {len(pool)} prompts ({dict(Counter(pool['task']))})")
     return validate_records(pool, 'prompt pool')
 
-# %% ../../nbs/12_data.sources.ipynb #2e76588f
+# %% ../../nbs/12_data.sources.ipynb #dea1e24e
 def _user_file(field:str, path, answers:bool) -> Dataset:
     try: return read_records(path, answers=answers)
     except DataError as e: raise DataError(f"data.{field}: {e}") from None
@@ -375,6 +375,7 @@ def seed_data(d) -> Dataset:
     if d.seed_file: return _take(_user_file('seed_file', d.seed_file, True), d.seed_size, d.seed)
     return load_seed_sft(source=d.source, limit=d.seed_size, seed=d.seed)
 
+# %% ../../nbs/12_data.sources.ipynb #c025f706
 def prompt_pool(d) -> Dataset:
     "The prompt pool DU a `DataConfig` asks for: `prompts_file` (assistant turns dropped), else `load_prompt_pool(source, tasks)`."
     if not d.prompts_file: return load_prompt_pool(source=d.source, tasks=d.tasks, seed=d.seed)

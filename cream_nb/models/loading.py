@@ -70,7 +70,7 @@ def embedded_tokenizer_dir() -> Path:
     "Cached HF tokenizer folder of SmolLM2 (converted from the GGUF on first use)."
     return cached_conversion(cache_dir()/'tokenizers'/EMBEDDED_NAME, _save_gguf_tokenizer)
 
-# %% ../../nbs/20_models.loading.ipynb #b022b2ae
+# %% ../../nbs/20_models.loading.ipynb #e1353454
 def prepare_tokenizer(tok):
     "Set a pad token (eos if missing), left padding and SmolLM2's chat template if `tok` has none."
     if tok.pad_token is None:
@@ -82,6 +82,7 @@ def prepare_tokenizer(tok):
         tok.chat_template = AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir())).chat_template
     return tok
 
+# %% ../../nbs/20_models.loading.ipynb #bfbfdfb0
 def load_tokenizer(
     path:str|Path,  # Hub id or folder holding a tokenizer
 ):
@@ -103,12 +104,13 @@ def tiny_model(
         torch.manual_seed(seed)
         return LlamaForCausalLM(cfg)
 
-# %% ../../nbs/20_models.loading.ipynb #05bf28ab
-_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
+# %% ../../nbs/20_models.loading.ipynb #cbde68d5
 def resolve_device(device=None) -> torch.device:
     "`device`, or cuda when available, else cpu."
     return torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+# %% ../../nbs/20_models.loading.ipynb #e1d58647
+_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 def resolve_dtype(
     dtype:str|torch.dtype='auto', # 'auto', 'float32', 'bfloat16', 'float16' or a torch dtype
@@ -190,7 +192,7 @@ def load_model(
                       f"that is reachable or cached ({type(e).__name__}: {e})") from e
     return _finish(model, load_tokenizer(path), name)
 
-# %% ../../nbs/20_models.loading.ipynb #78a40659
+# %% ../../nbs/20_models.loading.ipynb #940d5ec5
 BASE = 'm0'
 
 def lora_config(model_cfg:ModelConfig):
@@ -199,6 +201,7 @@ def lora_config(model_cfg:ModelConfig):
     return LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
                       target_modules=list(model_cfg.lora_target_modules), task_type='CAUSAL_LM')
 
+# %% ../../nbs/20_models.loading.ipynb #627b2d49
 def adapter_names(model) -> list[str]:
     "Names of the LoRA adapters on `model` (empty for a model without any)."
     return list(getattr(model, 'peft_config', {}) or {})
@@ -345,7 +348,7 @@ def register(self:CheckpointRegistry,
     write_json(self._d, self.file)
     return self
 
-# %% ../../nbs/20_models.loading.ipynb #e8600336
+# %% ../../nbs/20_models.loading.ipynb #6ed29622
 @patch
 def path(self:CheckpointRegistry, name:str) -> Path|str:
     "Where `name` lives: a folder (Path), or for M0 the base spec (str)."
@@ -353,12 +356,14 @@ def path(self:CheckpointRegistry, name:str) -> Path|str:
     e = self._d[name]
     return self.run_dir/e['path'] if e.get('relative') else Path(e['path']) if Path(e['path']).is_absolute() else e['path']
 
+# %% ../../nbs/20_models.loading.ipynb #28cdd9af
 @patch
 def reference(self:CheckpointRegistry, name:str) -> str|None:
     "The model `name` was trained from (None for M0)."
     if name not in self: self._missing(name)
     return self._d[name]['reference']
 
+# %% ../../nbs/20_models.loading.ipynb #d5bda86d
 @patch
 def lineage(self:CheckpointRegistry, name:str) -> list[str]:
     "`name`, its reference, that one's reference, ... down to M0: `lineage('m3')` is `['m3', 'm2', 'm1', 'm0']`."
@@ -377,7 +382,7 @@ def _disable_cpu_4bit_repacking(model):
         if isinstance(m, bnb.nn.Linear4bit): m.support_avx512bf16_for_cpu = False
     return model
 
-# %% ../../nbs/20_models.loading.ipynb #187ebf05
+# %% ../../nbs/20_models.loading.ipynb #e1efa480
 def _tiny_dir() -> Path:
     "A cached folder holding the tiny model (seed 0) and its tokenizer, for code paths that load from disk."
     def save(tmp):
@@ -386,6 +391,7 @@ def _tiny_dir() -> Path:
         m.save_pretrained(str(tmp)); tok.save_pretrained(str(tmp))
     return cached_conversion(cache_dir()/'models'/'tiny-seed0', save)
 
+# %% ../../nbs/20_models.loading.ipynb #b2eb80c1
 def bnb_config(
     quantization:str,          # '4bit' (nf4) or '8bit'
     compute_dtype:torch.dtype, # dtype the 4-bit matmuls compute in
@@ -398,6 +404,7 @@ def bnb_config(
     if quantization == '8bit': return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization={quantization!r} is invalid: use None, '4bit' or '8bit'")
 
+# %% ../../nbs/20_models.loading.ipynb #e5c8825c
 def _load_quantized(name, quantization, finetune, dt, dev):
     from transformers import AutoModelForCausalLM
     from peft import prepare_model_for_kbit_training

@@ -42,7 +42,7 @@ def selective_log_softmax(
     lse = torch.stack([torch.logsumexp(row.to(dt), dim=-1) for row in logits])   # one (seq, vocab) row at a time
     return (picked - lse) * mask
 
-# %% ../../nbs/24_models.logprobs.ipynb #15f6090f
+# %% ../../nbs/24_models.logprobs.ipynb #f9bebb72
 from .engine import _left_pad, _cache_kw, _new_cache, _contiguous_head
 
 def _accepts_logits_to_keep(model) -> bool:
@@ -50,6 +50,7 @@ def _accepts_logits_to_keep(model) -> bool:
     base = model.get_base_model() if hasattr(model, 'get_base_model') else model
     return 'logits_to_keep' in inspect.signature(base.forward).parameters
 
+# %% ../../nbs/24_models.logprobs.ipynb #13044c3a
 def _prefix_batch(model, prefixes:list, conts:list, pad_id:int) -> torch.Tensor:
     "Summed log-probs (float64, flat in group order) of every continuation of these prefixes, each prefix run once."
     ids, mask, pos = _left_pad(prefixes, pad_id, model.device)
@@ -117,7 +118,7 @@ def _batch_logps(model, tokenizer, seqs:list, n_prompt:list, keep:bool) -> tuple
     labels = ids[:, -k:].masked_fill(torch.arange(k, device=ids.device) < (k - n_resp)[:, None], -100)
     return selective_log_softmax(logits, labels).sum(-1, dtype=torch.float64).cpu(), n_resp.cpu()
 
-# %% ../../nbs/24_models.logprobs.ipynb #002a5a7b
+# %% ../../nbs/24_models.logprobs.ipynb #095b4f9a
 def _as_messages(p, i:int) -> list:
     "A prompt given as messages or as a prompt record."
     if isinstance(p, dict):
@@ -125,6 +126,7 @@ def _as_messages(p, i:int) -> list:
         return p['messages']
     return p
 
+# %% ../../nbs/24_models.logprobs.ipynb #014a6456
 def sequence_logps(
     model, # causal LM (or PEFT model) in eval mode
     tokenizer, # its chat tokenizer

@@ -12,13 +12,14 @@ from .loading import resolve_dtype
 # %% auto #0
 __all__ = ['PRECISIONS', 'BF16_AUTO', 'cpu_has_bf16', 'generation_dtype', 'bf16_matmuls', 'resolve_precision', 'matmul_precision']
 
-# %% ../../nbs/21_models.precision.ipynb #3cc234a5
+# %% ../../nbs/21_models.precision.ipynb #f32adf0c
 def cpu_has_bf16() -> bool:
     "Whether this CPU has bfloat16 matmul instructions (AVX512-BF16 or AMX)."
     try: flags = Path('/proc/cpuinfo').read_text()
     except OSError: return False
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
+# %% ../../nbs/21_models.precision.ipynb #ae41f4ab
 def generation_dtype(
     dtype:str|torch.dtype, # 'auto', 'float32', 'bfloat16', 'float16' or a torch dtype
     model, # the served model
@@ -31,7 +32,7 @@ def generation_dtype(
     fast = torch.cuda.is_bf16_supported() if dev.type == 'cuda' else dev.type == 'cpu' and cpu_has_bf16()
     return torch.bfloat16 if fast else have
 
-# %% ../../nbs/21_models.precision.ipynb #eec394b3
+# %% ../../nbs/21_models.precision.ipynb #28ca99f6
 import contextlib
 PRECISIONS = ('fp32', 'bf16', 'auto')
 BF16_AUTO = {'reward.precision': False, 'eval.precision': False}   # set from bench/precision.py: does bf16 meet the bar?
@@ -41,6 +42,7 @@ def bf16_matmuls(device='cpu') -> bool:
     dev = torch.device(device)
     return torch.cuda.is_bf16_supported() if dev.type == 'cuda' else dev.type == 'cpu' and cpu_has_bf16()
 
+# %% ../../nbs/21_models.precision.ipynb #411dfabe
 def resolve_precision(
     switch:str, # the config field, e.g. 'eval.precision' (named in errors; keys BF16_AUTO)
     value:str, # 'fp32', 'bf16' or 'auto'

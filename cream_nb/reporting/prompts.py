@@ -13,7 +13,6 @@ from ..data.records import parse_prompt, choices_dict
 from ..data.answers import EXTRACT_TASKS, extract_answer, correctness
 from .tables import compare_dirs, num
 from ..methods.registry import get_method, method_names, implicit_names, with_length_control
-import numpy as np
 from ..core.config import preset, save_config
 from ..core.artifacts import write_json, write_jsonl, save_dataset
 from ..data.records import prompt_record
@@ -26,7 +25,7 @@ __all__ = ['demo_prompts', 'demo_responses', 'demo_run', 'reward_ranks', 'iterat
            'prompt_table', 'in_c_range', 'filter_prompts', 'prompt_view', 'add_known_prompt', 'discordant_pairs',
            'rank_slopes', 'prompt_html', 'pair_choices', 'shared_prompts', 'pair_choices_html']
 
-# %% ../../nbs/61_reporting.prompts.ipynb #2d15eeab
+# %% ../../nbs/61_reporting.prompts.ipynb #7e46d430
 def demo_prompts(t:int) -> list:
     "Twelve prompts of iteration t: multiple choice, arithmetic and one open question."
     mc = [prompt_record('arc_easy', f"Which of these is a {kind}? (set {t}.{k})", dict(zip('ABCD', opts)), 'ABCD'[opts.index(ans)])
@@ -38,6 +37,7 @@ def demo_prompts(t:int) -> list:
            for a, b in [(3 + t, 4), (10, 5 * t), (7, 8)]]
     return mc + gsm + [prompt_record('oasst1', f"Write a haiku about iteration {t}.")]
 
+# %% ../../nbs/61_reporting.prompts.ipynb #6025a997
 def demo_responses(p:dict, rng) -> list:
     "Four responses that end with an answer (a random one, the gold one about half the time)."
     if p['task'] == 'oasst1': return [f"A short poem, take {k}." for k in range(4)]
@@ -235,7 +235,7 @@ def add_known_prompt(run_dir, t:int=1) -> str:
     save_dataset(pairs, d/'pairs')
     return p['id']
 
-# %% ../../nbs/61_reporting.prompts.ipynb #8a91c1e0
+# %% ../../nbs/61_reporting.prompts.ipynb #cf572888
 def discordant_pairs(
     current:list, # N rewards from M_t (None where unscored)
     previous:list, # N rewards from M_{t-1}
@@ -245,6 +245,7 @@ def discordant_pairs(
     ok = [i for i in range(len(current)) if current[i] is not None and previous[i] is not None]
     return [(i, j) for a, i in enumerate(ok) for j in ok[a + 1:] if (current[i] - current[j]) * (previous[i] - previous[j]) < 0]
 
+# %% ../../nbs/61_reporting.prompts.ipynb #f1cef964
 def rank_slopes(
     view:dict, # a `prompt_view`
 ) -> list[dict]: # N rows: index, previous_rank, rank, chosen, rejected, discordant_with
@@ -283,7 +284,7 @@ def prompt_html(
             f'{html.escape(view["question"])}</div>{f"<ul>{opts}</ul>" if opts else ""}<div>{" · ".join(f for f in facts if f)}</div>'
             f'<div style="display:flex;flex-wrap:wrap">{cards}</div></div>')
 
-# %% ../../nbs/61_reporting.prompts.ipynb #5302c6b6
+# %% ../../nbs/61_reporting.prompts.ipynb #f001f6c5
 def pair_choices(
     run_dir, # a comparison directory
     t:int, # iteration
@@ -305,6 +306,7 @@ def pair_choices(
                     'c_x': (cons.get('per_prompt') or {}).get(prompt_id), 'C_train': cons.get('training')})
     return out
 
+# %% ../../nbs/61_reporting.prompts.ipynb #296eb9f5
 def shared_prompts(run_dir, t:int=1) -> list:
     "Prompt ids of iteration t present in every method that reached it."
     ids = [{r['prompt_id'] for r in read_jsonl(Path(d)/f'iter{t}'/'samples.jsonl')}

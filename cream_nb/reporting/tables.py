@@ -7,9 +7,8 @@ from __future__ import annotations
 import json, math, statistics
 from pathlib import Path
 import numpy as np
-import json
 from ..core.artifacts import read_json, read_jsonl, write_json, load_dataset_dir, ArtifactError
-from ..runs.compare import COMPARE_METHODS
+from ..methods.registry import COMPARE_METHODS
 from ..stages.consistency import consistency_rates
 from ..stages.evaluate import metrics_intervals
 from ..runs.summary import run_summary, STAGES
@@ -32,7 +31,7 @@ def num(x, nd:int=3) -> str:
     if isinstance(x, float): return f"{x:.{nd}f}"
     return str(x)
 
-# %% ../../nbs/60_reporting.tables.ipynb #f9520d4d
+# %% ../../nbs/60_reporting.tables.ipynb #d9e31698
 def _eval_dir(run_dir:Path, model:str) -> Path:
     k = int(model[1:])
     return run_dir/'eval_m1' if k == 1 else run_dir/f'iter{k-1}'/'eval'
@@ -43,6 +42,7 @@ def method_models(run_dir) -> list:
     while (_eval_dir(run_dir, f'm{k}')/'predictions.jsonl').exists(): out.append(f'm{k}'); k += 1
     return out
 
+# %% ../../nbs/60_reporting.tables.ipynb #f5f6c8bc
 def predictions(run_dir, model:str) -> dict:
     "(task, question id) -> correct, for one model of a method directory."
     return {(r['task'], r['id']): bool(r['correct']) for r in read_jsonl(_eval_dir(Path(run_dir), model)/'predictions.jsonl')}
@@ -62,11 +62,12 @@ def accuracy_cells(preds:dict) -> dict:
                       'correct': k, 'n': n, 'low': lo, 'high': hi}
     return out
 
-# %% ../../nbs/60_reporting.tables.ipynb #3116c5af
+# %% ../../nbs/60_reporting.tables.ipynb #fbf74d47
 def paired_mdd(x:dict|None) -> float|None:
     "MDD of a McNemar result {n, a_only, b_only}: Connor's (1987) at the observed discordant share (None: none detectable)."
     return None if not x or not x.get('n') else mdd_paired_proportions(x['n'], (x['a_only'] + x['b_only']) / x['n'])
 
+# %% ../../nbs/60_reporting.tables.ipynb #f8d53a06
 def _mcnemar(a:dict, b:dict, against:str) -> dict:
     "McNemar pooled over the questions both answered, and per task, each with its MDD."
     def one(keys): r = mcnemar_exact([a[k] for k in keys], [b[k] for k in keys]); return {**r, 'mdd': paired_mdd(r)}
@@ -205,13 +206,14 @@ def table_statistics(tab:dict) -> dict:
             'reward_accuracy': reward_accuracy_statistics(tab.get('reward_accuracy') or {}, ref),
             'paired_mdd': {m: {k: paired_mdd(v.get(k)) for k in ('vs_m1', 'vs_reference')} for m, v in (tab.get('paired_tests') or {}).items()}}
 
-# %% ../../nbs/60_reporting.tables.ipynb #21c8d71d
+# %% ../../nbs/60_reporting.tables.ipynb #e667a253
 def compare_dirs(run_dir) -> dict:
     "method -> its directory, in COMPARE_METHODS order (then any other run directory), for a comparison directory."
     run_dir = Path(run_dir)
     found = [p.name for p in sorted(run_dir.iterdir()) if (p/'config.json').exists() and not p.name.startswith('_')]
     return {m: run_dir/m for m in sorted(found, key=lambda m: (list(COMPARE_METHODS).index(m) if m in COMPARE_METHODS else 99, m))}
 
+# %% ../../nbs/60_reporting.tables.ipynb #eac064a0
 def compare_tables(run_dir, reference:str='cream-avg') -> dict:
     "All the comparison's tables and their `statistics`, from the method directories only."
     dirs = compare_dirs(run_dir)
@@ -301,7 +303,7 @@ def consistency_text(tab:dict) -> str:
             + (f"\n\nConsistency against {ref} (same iteration, unpaired): difference of means, permutation p, and the smallest difference\n"
                "detectable with 80% power (two-sample t, pooled SD)\n" + _grid(['method', 'iter', 'kendall', 'spearman', 'top-order'], vs) if vs else ''))
 
-# %% ../../nbs/60_reporting.tables.ipynb #e9364963
+# %% ../../nbs/60_reporting.tables.ipynb #21f23273
 def reward_accuracy_text(tab:dict) -> str:
     "The self-reward's pairwise accuracy vs gold: Wilson interval, exact p against 50%, Fisher p against the reference, and the MDDs."
     rows, ref = [], tab.get('reference')
@@ -315,12 +317,14 @@ def reward_accuracy_text(tab:dict) -> str:
             f"Fisher p against {ref}, MDDs in points (80% power). Pairs of one prompt share responses: intervals and p-values are optimistic.\n"
             + _grid(['method', 'iter', 'won/pairs', 'accuracy', 'vs 50%', f'vs {ref}'], rows))
 
+# %% ../../nbs/60_reporting.tables.ipynb #b43b66a2
 def judge_text(tab:dict) -> str:
     "The LLM judge's parse rate per method and iteration (methods with `judge_stats.json`), with 95% Wilson intervals."
     rows = [[m, t, f"{j['parsed']}/{j['n']}", '-' if j['parse_rate'] is None else f"{100*j['parse_rate']:.1f} [{100*j['low']:.0f},{100*j['high']:.0f}]"]
             for m, its in (tab.get('judge') or {}).items() for t, j in its.items()]
     return "Judge parse rate, % of judgements with a score [95% Wilson]\n" + _grid(['method', 'iter', 'parsed/n', 'parse rate'], rows) if rows else ''
 
+# %% ../../nbs/60_reporting.tables.ipynb #b73c8739
 def compare_text(tab:dict) -> str:
     "Every printed table of a comparison."
     return '\n\n'.join(x for x in [accuracy_text(tab), tests_text(tab), consistency_text(tab), reward_accuracy_text(tab), judge_text(tab)] if x)

@@ -22,18 +22,19 @@ from .prompts import (discordant_pairs, filter_prompts, iterations, pair_choices
 # %% auto #0
 __all__ = ['guarded', 'show_in', 'RankAgreement', 'PromptInspector', 'Dashboard', 'click_message', 'PairChooser']
 
-# %% ../../nbs/63_reporting.widgets.ipynb #09355cd0
+# %% ../../nbs/63_reporting.widgets.ipynb #dff5990a
 def guarded(
     out:widgets.Output, # where errors are written
     fn, # a widget callback
 ):
     "`fn` wrapped so that an exception it raises is written (with its traceback) into the Output widget `out`."
     @functools.wraps(fn)
-    def _f(*args, **kwargs):
+    def call_showing_errors(*args, **kwargs):
         try: return fn(*args, **kwargs)
         except Exception as e: out.append_stderr(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-    return _f
+    return call_showing_errors
 
+# %% ../../nbs/63_reporting.widgets.ipynb #24f631b9
 def show_in(
     fw:go.FigureWidget, # the widget to update
     fig:go.Figure, # what it should show
@@ -44,18 +45,18 @@ def show_in(
         fw.add_traces(list(fig.data))
         fw.layout = fig.layout
 
-# %% ../../nbs/63_reporting.widgets.ipynb #b998e900
+# %% ../../nbs/63_reporting.widgets.ipynb #7e406177
 class RankAgreement:
     "Slope chart of one prompt's two rankings, as a FigureWidget; `show(view)` switches to another prompt."
     def __init__(self, view:dict|None=None): # a `prompt_view` (None: an empty chart until `show`)
-        self.view, self.widget = None, go.FigureWidget(layout=dict(**_LAYOUT, title='Rank agreement: no prompt'))
+        self.view, self.widget = None, go.FigureWidget(layout=dict(**_LAYOUT, height=360, margin_t=50, title='Rank agreement: no prompt'))
         if view is not None: self.show(view)
     @classmethod
     def from_run(cls, run_dir, t:int, prompt_id:str): return cls(prompt_view(run_dir, t, prompt_id))
     def show(self, view:dict|None):
         "Draw `view`'s rankings (None: clear)."
         self.view = view
-        show_in(self.widget, slope_figure(view) if view else go.Figure(layout=dict(**_LAYOUT, title='Rank agreement: no prompt')))
+        show_in(self.widget, slope_figure(view) if view else go.Figure(layout=dict(**_LAYOUT, height=360, margin_t=50, title='Rank agreement: no prompt')))
     def discordant(self) -> list[tuple]:
         "The discordant pairs of the prompt shown."
         return [] if self.view is None else discordant_pairs([r['reward'] for r in self.view['responses']], [r['previous_reward'] for r in self.view['responses']])
@@ -157,7 +158,12 @@ def _apply(self:PromptInspector, prompt_id=None):
     finally: self._holding = False
     self._show()
 
-# %% ../../nbs/63_reporting.widgets.ipynb #5ccdf004
+# %% ../../nbs/63_reporting.widgets.ipynb #e62501d2
+@patch
+def prompt_ids(self:PromptInspector) -> list[str]:
+    "Ids of the prompts that pass the filters, in the order previous/next walks them."
+    return [r['id'] for r in self._rows]
+
 @patch
 def _show(self:PromptInspector):
     "Draw the prompt selected in the list (or say that no prompt passes the filters)."
@@ -170,6 +176,7 @@ def _show(self:PromptInspector):
     self.cards.value = prompt_html(view) if view else '<i>no prompt to show</i>'
     self.ranks.show(view if view and view['reward_names'][1] else None)
 
+# %% ../../nbs/63_reporting.widgets.ipynb #eabfcd56
 @patch
 def step(self:PromptInspector,
          by:int=1): # +1: next prompt, -1: previous (clamped to the list)
@@ -178,6 +185,18 @@ def step(self:PromptInspector,
     if not ids: return
     k = ids.index(self.prompt.value) if self.prompt.value in ids else 0
     self.prompt.value = ids[min(max(k + by, 0), len(ids) - 1)]
+
+# %% ../../nbs/63_reporting.widgets.ipynb #88d76dc8
+@patch
+def current(self:PromptInspector) -> dict|None:
+    "The `prompt_view` of the prompt shown (None when no prompt passes the filters)."
+    return prompt_view(self.run_dir, self.iteration.value, self.prompt.value) if self.prompt.value else None
+
+# %% ../../nbs/63_reporting.widgets.ipynb #e5a2feef
+@patch
+def table(self:PromptInspector) -> list[dict]:
+    "The `prompt_table` of the iteration shown."
+    return list(self._table)
 
 # %% ../../nbs/63_reporting.widgets.ipynb #f5c565f6
 @patch
@@ -199,22 +218,7 @@ def set_filters(self:PromptInspector,
     finally: self._holding = False
     self._load_iteration()
 
-# %% ../../nbs/63_reporting.widgets.ipynb #95bee51d
-@patch
-def prompt_ids(self:PromptInspector) -> list[str]:
-    "Ids of the prompts that pass the filters, in the order previous/next walks them."
-    return [r['id'] for r in self._rows]
-
-@patch
-def current(self:PromptInspector) -> dict|None:
-    "The `prompt_view` of the prompt shown (None when no prompt passes the filters)."
-    return prompt_view(self.run_dir, self.iteration.value, self.prompt.value) if self.prompt.value else None
-
-@patch
-def table(self:PromptInspector) -> list[dict]:
-    "The `prompt_table` of the iteration shown."
-    return list(self._table)
-
+# %% ../../nbs/63_reporting.widgets.ipynb #13ebe927
 @patch
 def refresh(self:PromptInspector):
     "Read the run again (new iterations, newly written files), keeping the iteration, filters and prompt shown."
@@ -242,7 +246,7 @@ class Dashboard:
         self.refresh()
     def _ipython_display_(self): display(self.widget)
 
-# %% ../../nbs/63_reporting.widgets.ipynb #903512f7
+# %% ../../nbs/63_reporting.widgets.ipynb #e7220ac1
 @patch
 def refresh(self:Dashboard):
     "Read the run again and redraw every figure (and the inspector)."
@@ -265,6 +269,7 @@ def _on_bar_click(self:Dashboard, trace, points, state):
     a, b = trace.customdata[points.point_inds[0]]
     self.inspector.set_filters(t=trace.meta, c_range=(a, b))
 
+# %% ../../nbs/63_reporting.widgets.ipynb #fee8f4b6
 @patch
 def static_figures(self:Dashboard) -> dict:
     "The figures as plain `go.Figure`s (they show in static HTML, where a FigureWidget cannot)."
@@ -280,9 +285,7 @@ def click_message(
     return {'event_type': 'plotly_click', 'points': {'trace_indexes': [trace_index], 'point_indexes': [point_index], 'xs': [x], 'ys': [y]},
             'device_state': None, 'selector': None}
 
-# %% ../../nbs/63_reporting.widgets.ipynb #81ec68bb
-import ipywidgets as widgets
-
+# %% ../../nbs/63_reporting.widgets.ipynb #6da11d1b
 class PairChooser:
     "Pick an iteration and a prompt; see the pair every method chose and why. Plain getters for tests."
     def __init__(self, run_dir):

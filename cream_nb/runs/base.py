@@ -18,7 +18,7 @@ from ..models.loading import CheckpointRegistry
 from ..models.loading import load_model
 from ..models.precision import resolve_precision
 from ..models.loading import _check_local
-from ..models.loading import use_model, load_adapter, load_model
+from ..models.loading import use_model, load_adapter
 from ..models.loading import embedded_model_dir, _tiny_dir
 from ..models.engine import make_engine, resolve_engine_kind
 from ..data.sources import prompt_pool

@@ -133,9 +133,7 @@ def _section(cfg:CreamConfig, *names) -> dict:
         else: out[s] = {k: v for k, v in d[s].items() if not neutral(f'{s}.{k}', v)}
     return out
 
-# %% ../../nbs/50_runs.stage.ipynb #8b582329
-def _by_id(records, key='prompt_id') -> dict: return {r[key]: r for r in records}
-
+# %% ../../nbs/50_runs.stage.ipynb #eaa16159
 def _drop_partial(part:Path):
     "Remove a finished stage's batch log, the one of each process under accelerate launch too (`part.rank<i>`)."
     if not writes_reach_disk(): return

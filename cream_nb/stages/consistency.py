@@ -15,7 +15,7 @@ from ..core.stats import _as_rows, _check_pair, kendall_tau_b, spearman_rho, top
 __all__ = ['CONSISTENCY_METHODS', 'ordinal_ranks', 'consistency_rate_rows', 'consistency_rate', 'consistency_rates',
            'set_consistency', 'consistency_summary', 'consistency_report']
 
-# %% ../../nbs/35_stages.consistency.ipynb #03a3f8ce
+# %% ../../nbs/35_stages.consistency.ipynb #17a19635
 CONSISTENCY_METHODS = ('kendall', 'spearman', 'toporder')
 
 def ordinal_ranks(
@@ -24,6 +24,7 @@ def ordinal_ranks(
     "Ranks as the paper's code takes them: `scipy.stats.rankdata(method='ordinal')` per row."
     return rankdata(_as_rows(x, 'rewards'), method='ordinal', axis=-1).astype(np.float64)
 
+# %% ../../nbs/35_stages.consistency.ipynb #75601bdb
 def consistency_rate_rows(
     a, # (P, N) rewards the current model gave, one row per prompt
     b, # (P, N) rewards the previous model gave to the same responses
@@ -37,6 +38,7 @@ def consistency_rate_rows(
     else: r = ((kendall_tau_b if method == 'kendall' else spearman_rho)(a, b) + 1) / 2
     return np.where(np.isnan(r), 0.5, r)
 
+# %% ../../nbs/35_stages.consistency.ipynb #7b28e86d
 def consistency_rate(
     a, # (N,) rewards the current model gave to a prompt's N responses
     b, # (N,) rewards the previous model gave to the same N responses
@@ -48,10 +50,11 @@ def consistency_rate(
     if a.shape[0] != 1 or b.shape[0] != 1: raise ValueError(f"consistency_rate takes two vectors of N rewards, got shapes {a.shape} and {b.shape}; use consistency_rate_rows for a batch")
     return float(consistency_rate_rows(a, b, method, paper_code)[0])
 
-# %% ../../nbs/35_stages.consistency.ipynb #298dc37d
+# %% ../../nbs/35_stages.consistency.ipynb #ba763dc0
 def _ids(ids) -> str:
     ids = sorted(map(str, ids)); return f"{len(ids)} (e.g. {ids[:3]})"
 
+# %% ../../nbs/35_stages.consistency.ipynb #85f3c4cf
 def consistency_rates(
     current:dict, # prompt_id -> N rewards from the current model M_t (ranking J)
     previous:dict, # prompt_id -> the same N responses' rewards from M_{t-1} (ranking K)
@@ -75,13 +78,14 @@ def consistency_rates(
         rates.update(zip(pids, consistency_rate_rows([current[p] for p in pids], [previous[p] for p in pids], method, paper_code).tolist()))
     return {pid: rates[pid] for pid in current}
 
-# %% ../../nbs/35_stages.consistency.ipynb #46e71d63
+# %% ../../nbs/35_stages.consistency.ipynb #3d91f086
 def _rate_values(rates:dict) -> np.ndarray:
     v = np.asarray(list(rates.values()), dtype=np.float64)
     bad = ~np.isfinite(v) | (v < 0) | (v > 1)
     if bad.any(): raise ValueError(f"consistency rates must lie in [0, 1]; prompt {list(rates)[int(np.argmax(bad))]!r} has {float(v[bad][0])!r}")
     return v
 
+# %% ../../nbs/35_stages.consistency.ipynb #c6173749
 def set_consistency(
     rates:dict, # prompt_id -> c_x
     among=None, # prompt ids to average over (the paper's code: those that produced a pair); None: all
@@ -95,6 +99,7 @@ def set_consistency(
     if not len(v): raise ValueError("set_consistency needs at least one prompt rate, got none")
     return float(v.mean())
 
+# %% ../../nbs/35_stages.consistency.ipynb #7702d4ed
 def consistency_summary(
     rates:dict, # prompt_id -> c_x
 ) -> dict: # {"n", "mean", "std", "min", "max", "histogram": {"edges": [11], "counts": [10]}}

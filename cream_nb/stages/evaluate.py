@@ -16,7 +16,6 @@ from .sampling import sample_responses
 from ..data.records import parse_prompt
 from ..models.precision import matmul_precision, resolve_precision
 from ..models.logprobs import shared_prefix_logps
-from ..models.precision import resolve_precision
 from ..core.config import EvalConfig
 from ..core.artifacts import atomic_path, write_json, write_jsonl
 from ..data.sources import load_test_set

@@ -55,13 +55,14 @@ def parse_judge_score(
     k = float(found[-1])
     return k if 0 <= k <= 5 else None
 
-# %% ../../nbs/34_stages.judge.ipynb #d3e096aa
+# %% ../../nbs/34_stages.judge.ipynb #4e9214f4
 def _question(messages:list) -> str:
     "The last user turn of a prompt."
     users = [m['content'] for m in messages if m.get('role') == 'user']
     if not users: raise ValueError(f"prompt has no user turn: {messages!r:.200}")
     return users[-1]
 
+# %% ../../nbs/34_stages.judge.ipynb #39486ac5
 def judge_rewards(
     model, tokenizer, # the judge (M_t for SRLM) and its tokenizer
     prompts, # Dataset or list of prompt records

@@ -20,7 +20,7 @@ from ..data.answers import correctness
 __all__ = ['implicit_reward', 'normalized_likelihood', 'paper_label_counts', 'with_paper_label_counts', 'paper_m0_scores',
            'score_samples', 'scored_models', 'iteration_logps', 'iteration_rewards', 'oracle_rewards']
 
-# %% ../../nbs/33_stages.rewards.ipynb #2dd9f459
+# %% ../../nbs/33_stages.rewards.ipynb #e694e95d
 def implicit_reward(
     policy_logps, # (n,) summed log pi(y|x) of the model being rewarded with
     ref_logps, # (n,) summed log pi_ref(y|x) of its reference, same responses
@@ -30,6 +30,7 @@ def implicit_reward(
     if p.shape != r.shape: raise ValueError(f"policy log-probs {tuple(p.shape)} and reference log-probs {tuple(r.shape)} must have the same shape")
     return p - r
 
+# %% ../../nbs/33_stages.rewards.ipynb #734eaa30
 def normalized_likelihood(
     logps, # (n,) summed log pi(y|x)
     n_tokens, # (n,) tokens each sum runs over
@@ -94,7 +95,7 @@ def paper_m0_scores(
                 out[pid]['logps'][k], out[pid]['n_tokens'][k] = v, n
     return out
 
-# %% ../../nbs/33_stages.rewards.ipynb #ec3a8aaa
+# %% ../../nbs/33_stages.rewards.ipynb #280cb222
 def _pairs(prompts, samples) -> tuple:
     "Flattened (messages, response) of every sample, with its (prompt_id, response index)."
     by_id = dict(_prompt_rows(prompts))
@@ -106,6 +107,7 @@ def _pairs(prompts, samples) -> tuple:
         for j, r in enumerate(s['responses']): msgs.append(by_id[s['prompt_id']]); resps.append(r); keys.append((s['prompt_id'], j))
     return msgs, resps, keys
 
+# %% ../../nbs/33_stages.rewards.ipynb #3d874620
 def score_samples(
     model, tokenizer,
     prompts, # Dataset or list of prompt records ({"id", "messages"})

@@ -15,7 +15,7 @@ __all__ = ['log', 'CHECKPOINT_DONE', 'last_checkpoint', 'CheckpointMarker', 'Ada
            'checkpoint_dir', 'train_resumable', 'precision_args', 'training_kwargs', 'sft_training_args',
            'training_summary']
 
-# %% ../../nbs/30_stages.trainer.ipynb #7d4ecdc9
+# %% ../../nbs/30_stages.trainer.ipynb #ffb2f47d
 CHECKPOINT_DONE = 'complete'
 
 def _step(d:Path) -> int: return int(d.name.rpartition('-')[2]) if d.name.rpartition('-')[2].isdigit() else -1
@@ -30,6 +30,7 @@ def last_checkpoint(
         else: shutil.rmtree(d, ignore_errors=True)
     return max(done, key=_step, default=None)
 
+# %% ../../nbs/30_stages.trainer.ipynb #8147f2f4
 class CheckpointMarker(TrainerCallback):
     "Once Trainer has saved `checkpoint-N` in full: write its `complete` marker, then remove the older checkpoints."
     def on_save(self, args, state, control, **kw):
@@ -64,7 +65,7 @@ class AdapterCheckpoints:
         res = set_peft_model_state_dict(m, load_file(os.path.join(resume_from_checkpoint, 'adapter_model.safetensors')), adapter_name=m.active_adapter)
         if res.unexpected_keys: raise RuntimeError(f"{resume_from_checkpoint} holds weights this adapter lacks: {res.unexpected_keys[:3]}")
 
-# %% ../../nbs/30_stages.trainer.ipynb #86ed2304
+# %% ../../nbs/30_stages.trainer.ipynb #eed8f157
 def weights_probe(model) -> str:
     "A cheap hash of the trainable weights (about 1024 values per tensor): tells one initialisation from another."
     h = hashlib.sha256()
@@ -72,6 +73,7 @@ def weights_probe(model) -> str:
         if p.requires_grad: h.update(n.encode()); h.update(p.detach().flatten()[::max(1, p.numel() // 1024)].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
+# %% ../../nbs/30_stages.trainer.ipynb #db178379
 def checkpoint_dir(
     output_dir, # where the trained model goes
     *parts, # what the training depends on (JSON-serialisable): settings, seed, examples, weights_probe(model)
@@ -84,6 +86,7 @@ def checkpoint_dir(
         if old != d: log.info(f"removing {old}: checkpoints of other settings"); shutil.rmtree(old, ignore_errors=True)
     return d
 
+# %% ../../nbs/30_stages.trainer.ipynb #fde1363b
 def train_resumable(
     trainer, # a Trainer whose args.output_dir holds its checkpoints
 )->int: # the step training resumed from (0: from the start)
@@ -104,7 +107,7 @@ def precision_args() -> dict:
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return dict(bf16=bf16, fp16=False)
 
-# %% ../../nbs/30_stages.trainer.ipynb #ef609cbe
+# %% ../../nbs/30_stages.trainer.ipynb #b3545cd1
 def training_kwargs(
     cfg, # SFTConfig or DPOConfig of cream_nb.core.config: batch size, accumulation, learning rate, epochs, warmup, schedule
     output_dir, # Trainer's scratch folder
@@ -124,6 +127,7 @@ def training_kwargs(
     if overrides.get('activation_checkpointing'): kw['activation_checkpointing_kwargs'] = {'use_reentrant': False}
     return kw, overrides
 
+# %% ../../nbs/30_stages.trainer.ipynb #31adab1e
 def sft_training_args(
     cfg, # cream_nb.core.config.SFTConfig
     output_dir, # Trainer's scratch folder (nothing is kept there)
