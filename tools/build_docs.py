@@ -186,7 +186,7 @@ def stage(proc:Path, nbs:Path, docs:Path, docs_url:str) -> list[dict]:
 
 def section_title(folder:str) -> str: return folder.replace('_', ' ').strip().capitalize()
 
-LAYER = re.compile(r'^\d+_([a-z]+)\.')   # 22_models.engine.ipynb: a notebook of the `models` layer (DEVELOPING.md)
+LAYER = re.compile(r'^\d+_([a-z]+)\.[a-z_]+\.ipynb$')   # 22_models.engine.ipynb: a notebook of the `models` layer (DEVELOPING.md)
 
 def nav(pages:list[dict], folder:tuple=()) -> list:
     "MkDocs nav: index first, then the notebooks in file (numbered) order, each layer and each sub-folder a section."
