@@ -112,10 +112,10 @@ def _check_run_dir(d:Path):
 
 # %% ../nbs/70_cli.ipynb #d8d9d916
 def _cmd_run(args) -> int:
-    from cream_nb.runs.run import CreamRun
-    from cream_nb.reporting.tables import summary_table
     cfg = resolve_config(args)
     _check_run_dir(args.run_dir)
+    from cream_nb.runs.run import CreamRun   # torch, transformers: after the arguments are found good
+    from cream_nb.reporting.tables import summary_table
     t0 = time.time()
     run = CreamRun(cfg, args.run_dir, force=args.force, progress=not args.quiet)
     say = _say()
@@ -194,6 +194,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='cream: %(message)s')  # the stages' one-line notes (data counts, fallbacks)
     for noisy in ('httpx', 'urllib3', 'filelock', 'datasets', 'huggingface_hub'): logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)   # its failed Hub download of a CPU kernel, on import (it falls back to its own)
     if args.command in ('run', 'compare') and not is_writer(): logging.getLogger('cream_nb').setLevel(logging.ERROR)   # one voice
     try:
         if args.command in ('status', 'report') and not (args.run_dir/'config.json').is_file() and not _is_comparison(args):
