@@ -53,7 +53,7 @@ EXPECTED_SEED = [
 ]
 
 def test_select_oasst1_on_fixture(caplog):
-    caplog.set_level(logging.INFO, logger='cream_nb.data.records')
+    caplog.set_level(logging.INFO, logger='cream_nb.data')
     seed = D.select_oasst1(load_dataset(str(REPOS['oasst1']), split='train'))
     assert [(r['messages'][0]['content'], r['messages'][1]['content']) for r in seed] == EXPECTED_SEED
     assert all([m['role'] for m in r['messages']] == ['user', 'assistant'] and r['task'] == 'oasst1'
@@ -79,7 +79,7 @@ def test_oasst1_empty_first_turn_is_an_error():
 # ------------------------------------------------------------------ Hub pool and test sets on the fixture
 
 def test_hub_pool_and_test_sets_on_fixture(caplog):
-    caplog.set_level(logging.INFO, logger='cream_nb.data.records')
+    caplog.set_level(logging.INFO, logger='cream_nb.data')
     pool = D.load_prompt_pool('hub', repos=REPOS)
     by = {t: [r for r in pool if r['task'] == t] for t in ('oasst1', *TASKS)}
     assert {t: len(v) for t, v in by.items()} == {'oasst1': 3, 'arc_easy': 2, 'arc_challenge': 2, 'openbookqa': 2, 'siqa': 3, 'gsm8k': 2}
@@ -211,17 +211,17 @@ def test_pool_per_task_cap(offline):
 def test_auto_falls_back_once_with_one_log_line(monkeypatch, caplog):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setitem(D._AUTO, 'hub_down', None)
-    caplog.set_level(logging.WARNING, logger='cream_nb.data.records')
+    caplog.set_level(logging.WARNING, logger='cream_nb.data')
     a = D.load_test_set('openbookqa', 'auto', limit=3)
     b = D.load_prompt_pool('auto', tasks=['openbookqa'], per_task=3)
-    warnings = [r for r in caplog.records if r.name == 'cream_nb.data.records' and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name.startswith('cream_nb.data') and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "source='auto'" in warnings[0].message and 'HF_HUB_OFFLINE' in warnings[0].message
     assert a['id'] == D.load_test_set('openbookqa', 'offline', limit=3)['id']
     assert b['id'] == D.load_prompt_pool('offline', tasks=['openbookqa'], per_task=3)['id']
 
 def test_auto_falls_back_when_the_hub_load_fails(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(D._AUTO, 'hub_down', None)
-    caplog.set_level(logging.WARNING, logger='cream_nb.data.records')
+    caplog.set_level(logging.WARNING, logger='cream_nb.data')
     empty = tmp_path/'empty_repo'; empty.mkdir()
     got = D.load_test_set('openbookqa', 'auto', limit=2, repos={'openbookqa': empty})
     assert got['id'] == D.load_test_set('openbookqa', 'offline', limit=2)['id']

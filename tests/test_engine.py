@@ -55,7 +55,15 @@ def test_config_and_params_are_validated():
 def test_make_engine_vllm_without_vllm_says_what_to_do():
     import importlib.util
     if importlib.util.find_spec('vllm') is not None: pytest.skip("vLLM is installed here: tests/vllm test the real engine")
-    with pytest.raises(ImportError, match="sampling.engine='vllm' needs vLLM"): make_engine('vllm', base_dir='x', tokenizer=None, resolve=None)
+    import cream_nb.models.engine as E
+    from cream_nb.models.vllm import VLLMEngine          # importing it registers the backend; vLLM itself is not imported
+    assert E.BACKENDS['vllm'] is VLLMEngine
+    eng = make_engine('vllm', base_dir='x', tokenizer=None, resolve=None)
+    with pytest.raises(ImportError, match="sampling.engine='vllm' needs vLLM, which is not importable here"): eng._load('x')
+    saved = E.BACKENDS.pop('vllm')                        # a backend nobody imported: the error names the module to import
+    try:
+        with pytest.raises(ImportError, match="no registered backend: import cream_nb.models.vllm"): make_engine('vllm', base_dir='x', tokenizer=None, resolve=None)
+    finally: E.BACKENDS['vllm'] = saved
     assert resolve_engine_kind('auto') == 'hf'
 
 

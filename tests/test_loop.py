@@ -150,7 +150,7 @@ def test_bad_cli_input(tmp_path):
 
 def test_bf16_without_bf16_matmuls_stops_before_any_work(tmp_path, monkeypatch):
     "An explicit reward.precision / eval.precision of bf16 on a machine without bf16 matmuls: one ConfigError naming the switch."
-    from cream_nb.stages import rewards as R
+    from cream_nb.models import precision as R
     from cream_nb.core.config import ConfigError, apply_overrides, preset
     from cream_nb.runs.run import CreamRun
     monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)

@@ -225,7 +225,7 @@ def test_judge_rewards_counts_unparseable_and_never_scores_them_0(tiny, monkeypa
     def fake(m, t, recs, cfg, greedy=False, progress=True, engine=None, checkpoint=None):
         seen.update(greedy=greedy, n=cfg.max_new_tokens, bs=cfg.batch_size, first=recs[0], engine=engine, checkpoint=checkpoint)
         return [{'prompt_id': r['id'], 'responses': [f'Score: {i % 7}']} for i, r in enumerate(recs)]
-    monkeypatch.setattr(R, 'sample_responses', fake)
+    monkeypatch.setattr(judge_, 'sample_responses', fake)
     scores, stats = judge_.judge_rewards(model, tok, PROMPTS, SAMPLES, RewardConfig(batch_size=3, judge_max_new_tokens=9))
     assert seen['greedy'] and (seen['n'], seen['bs']) == (9, 3) and seen['engine'] is seen['checkpoint'] is None
     assert seen['first']['messages'][0]['content'] == judge_.judge_prompt('Why?', 'Because.')
@@ -286,7 +286,7 @@ def test_expected_judge_score_is_deterministic_and_batch_independent(tiny):
 
 def test_generate_judge_records_its_parse_rate(tiny, monkeypatch):
     model, tok = tiny
-    monkeypatch.setattr(R, 'sample_responses', lambda m, t, recs, cfg, **kw:
+    monkeypatch.setattr(judge_, 'sample_responses', lambda m, t, recs, cfg, **kw:
                         [{'prompt_id': r['id'], 'responses': ['Score: 2' if i % 4 == 0 else 'no score']} for i, r in enumerate(recs)])
     _, stats = judge_.judge_rewards(model, tok, PROMPTS, SAMPLES, RewardConfig(batch_size=3))
     assert (stats['scoring'], stats['parsed'], stats['n'], stats['parse_rate']) == ('generate', 3, 12, 0.25)
@@ -320,11 +320,11 @@ def test_resolve_precision(monkeypatch):
     assert precision_.resolve_precision('eval.precision', 'auto') == ('bf16' if precision_.bf16_matmuls() and precision_.BF16_AUTO['eval.precision'] else 'fp32')
     with pytest.raises(ValueError, match="reward.precision must be one of 'fp32', 'bf16', 'auto', got 'fp16'"):
         precision_.resolve_precision('reward.precision', 'fp16')
-    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': False)        # a machine without bf16 matmuls
+    monkeypatch.setattr(precision_, 'bf16_matmuls', lambda device='cpu': False)        # a machine without bf16 matmuls
     assert precision_.resolve_precision('eval.precision', 'auto') == 'fp32'
     with pytest.raises(RuntimeError, match=r"^eval.precision='bf16' needs bf16 matmul instructions .* set eval.precision to 'fp32' or 'auto'$"):
         precision_.resolve_precision('eval.precision', 'bf16')
-    monkeypatch.setattr(R, 'bf16_matmuls', lambda device='cpu': True)
+    monkeypatch.setattr(precision_, 'bf16_matmuls', lambda device='cpu': True)
     monkeypatch.setitem(precision_.BF16_AUTO, 'eval.precision', True)
     assert precision_.resolve_precision('eval.precision', 'auto') == 'bf16'
     monkeypatch.setitem(precision_.BF16_AUTO, 'eval.precision', False)

@@ -25,9 +25,10 @@ def test_wilson_against_statsmodels(k, n, level):
     assert S.wilson_interval(k, n, level) == pytest.approx(proportion_confint(k, n, alpha=1 - level, method='wilson'), abs=1e-12)
 
 def test_evaluate_and_compare_use_the_one_wilson_and_mcnemar():
-    from cream_nb import evaluate, compare
+    from cream_nb.stages import evaluate
+    from cream_nb.reporting import tables
     assert evaluate.accuracy_interval is S.wilson_interval
-    assert compare.mcnemar_exact is S.mcnemar_exact and compare.wilson_interval is S.wilson_interval
+    assert tables.mcnemar_exact is S.mcnemar_exact and tables.wilson_interval is S.wilson_interval
 
 @pytest.mark.parametrize('k,n,p', [(14, 18, .5), (0, 10, .5), (9, 18, .5), (3, 25, .3), (17, 20, .6)])
 def test_binomial_against_scipy_statsmodels_and_hand(k, n, p):

@@ -144,6 +144,9 @@ def _load(self:VLLMEngine, model_dir:str):
     if self._llm is not None and self._model_dir == model_dir:
         if self._asleep: self._llm.wake_up(); self._asleep = False
         return self._llm
+    if not vllm_available():
+        raise ImportError("sampling.engine='vllm' needs vLLM, which is not importable here: install it (nbs/23_models.vllm "
+                          "says how) or set sampling.engine='hf'")
     self._teardown()
     check_servable(model_dir, self.cuda)
     _in_process_env()

@@ -9,14 +9,15 @@ import json, sys
 from pathlib import Path
 from cream_nb.core.config import SamplingConfig
 from cream_nb.models.loading import load_model
-from cream_nb.stages import sampling as sampling
+from cream_nb.stages import sampling
+from cream_nb.core.processes import process_state
 from cream_nb.models.engine import HFEngine
 
 QUESTIONS = ['Name a colour.', 'What is the capital of France, the country in Europe west of Germany?', 'Hi',
              'Explain photosynthesis in one sentence, please.', 'Why is the sky blue?']
 
 def main(out:Path):
-    state = sampling.process_state()
+    state = process_state()
     model, tok = load_model('tiny', device=state.device)
     prompts = [{'id': f'q{i}', 'messages': [{'role': 'user', 'content': q}]} for i, q in enumerate(QUESTIONS)]
     done = []                                  # seeds of the batches this process generated
