@@ -154,7 +154,7 @@ def _cmd_eval(args) -> int:
 # %% ../nbs/70_cli.ipynb #b96e7d72
 def _cmd_compare(args) -> int:
     from cream_nb.runs.compare import compare
-    from cream_nb.reporting.tables import compare_text, write_tables
+    from cream_nb.reporting.tables import compare_text
     from cream_nb.reporting.report import report_html
     saved = args.run_dir/'compare_config.json'   # a comparison resumed without --preset/--config keeps its settings
     cfg = load_config(args.config) if args.config else preset(args.preset) if args.preset else load_config(saved) if saved.exists() else preset('cpu-demo')
@@ -166,8 +166,7 @@ def _cmd_compare(args) -> int:
     say(f"cream: comparing {', '.join(args.methods)} on the {cfg.preset or 'custom'} config in {args.run_dir}{_processes_note(cfg)}", flush=True)
     compare(cfg, args.methods, args.run_dir, force=args.force, progress=not args.quiet)
     if not is_writer(): finish(); return 0   # under accelerate launch the main process writes the report and prints the tables
-    with reading_only(not is_writer()): write_tables(args.run_dir, ref)   # compare.json
-    report = report_html(args.run_dir, reference=ref)
+    report = report_html(args.run_dir, reference=ref)   # writes compare.json too: the tables are computed once
     tab = read_json(args.run_dir/'compare.json')
     print(f"\ncream: comparison finished in {time.time()-t0:.0f} s\n\n{compare_text(tab)}\n\nreport: {report}")
     finish()
