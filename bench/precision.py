@@ -6,7 +6,7 @@ Workloads (the cpu-demo preset, SmolLM2-135M embedded, the run's SFT adapter m1)
   scoring: iteration 1's 16 prompts x 4 responses (<= 48 tokens) sampled by m1 with the hf engine (kept in --samples),
            scored by m1 and m0 (adapters off), each prompt once (the default path); r_1 = log pi_1 - log pi_0 as in
            iteration 1, pairs = (argmax, argmin) of r_1; M0's length-normalised likelihood ranks too (the previous reward)
-  eval:    100 multiple-choice questions (25 each of ARC-Easy, ARC-Challenge, OpenBookQA, SIQA) scored by m1, loglik protocol
+  eval:    4 x --per-task multiple-choice questions (ARC-Easy, ARC-Challenge, OpenBookQA, SIQA; 25 each by default) scored by m1, loglik protocol
 bf16 = `cream_nb.models.precision.matmul_precision`: bf16 autocast for the matmuls, output layer, log-softmax and sums in fp32.
 Bars (issue 20): pairs identical for >= 98% of prompts (scoring), predicted options identical for >= 99% (eval).
 Times are the best of --repeats runs, precisions interleaved; the machine is shared, so only the ratio compares.
@@ -25,6 +25,7 @@ def main():
     ap.add_argument('--run-dir', required=True, help='cpu-demo run directory holding m1 (the SFT adapter)')
     ap.add_argument('--samples', default='/tmp/cream_bench_precision_samples.jsonl', help='m1 samples kept between runs')
     ap.add_argument('--repeats', type=int, default=2)
+    ap.add_argument('--per-task', type=int, default=25, help='eval: questions per multiple-choice task')
     args = ap.parse_args()
 
     import numpy as np, torch
@@ -47,7 +48,7 @@ def main():
     if not samples or [s['prompt_id'] for s in samples] != [p['id'] for p in prompts]:
         samples = HFEngine(model, tok).generate('m1', prompts, GenParams.sampling(cfg.sampling)); write_jsonl(samples, sp)
     mc = [t for t in cfg.eval.tasks if t in MC_LABELS]
-    questions = [dict(r) for t in mc for r in load_test_set(t, source='offline', limit=25)]
+    questions = [dict(r) for t in mc for r in load_test_set(t, source='offline', limit=args.per_task)]
     print(f"== bench/precision.py  torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 matmuls: {bf16_matmuls()}, m1 from {args.run_dir}")
     print(f"   scoring: {len(samples)} prompts x {len(samples[0]['responses'])} responses (m1's samples), m1 and m0; eval: {len(questions)} questions")
     peaks = {str(dt).split('.')[-1]: matmul_peak(dt) for dt in (torch.float32, torch.bfloat16)}

@@ -8,7 +8,7 @@ Docs: https://cream-nb.github.io/cream_nb/cli.html.md"""
 from __future__ import annotations
 import argparse, json, os, sys, time
 from pathlib import Path
-from .core.config import CreamConfig, PRESETS, preset, load_config, apply_overrides, ConfigError, describe
+from .core.config import CreamConfig, PRESETS, preset, load_config, apply_overrides, ConfigError, describe, parse_seeds
 from .core.artifacts import ArtifactError, RunLocked, read_json
 from .core.processes import is_writer, world_size, finish, rank
 from .core.config import EvalConfig
@@ -32,6 +32,8 @@ def add_compare_parser(sub):
                    help="; ".join(f"{k}: {describe_method(k)}" for k in comparison_methods()))
     c.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.FIELD=VALUE', help="override a config field (repeatable)")
     c.add_argument('--iterations', type=int, help="T, self-rewarding iterations (loop.iterations)")
+    c.add_argument('--seeds', default=None, metavar='K|S1,S2,..', help="repeat the comparison on K seeds (0..K-1) or on the listed ones, "
+                   "each in RUN_DIR/seed-<s>/ (loop.seed and sampling.seed: initialisation, data order, samples); rerun with more seeds to add them")
     c.add_argument('--reference', default=None, help="the method every other one is tested against (McNemar; default cream-avg when compared, else the last method)")
     c.add_argument('--force', action='store_true', help="redo finished stages whose settings changed")
     c.add_argument('--quiet', action='store_true', help="no progress bars")
@@ -153,17 +155,27 @@ def _cmd_eval(args) -> int:
 
 # %% ../nbs/70_cli.ipynb #b96e7d72
 def _cmd_compare(args) -> int:
-    from cream_nb.runs.compare import compare
-    from cream_nb.reporting.tables import compare_text
-    from cream_nb.reporting.report import report_html
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)   # a bad list stops here, before any import or write
     saved = args.run_dir/'compare_config.json'   # a comparison resumed without --preset/--config keeps its settings
     cfg = load_config(args.config) if args.config else preset(args.preset) if args.preset else load_config(saved) if saved.exists() else preset('cpu-demo')
     cfg = apply_overrides(cfg, list(args.overrides) + ([f'loop.iterations={args.iterations}'] if args.iterations is not None else []))
     ref = args.reference or ('cream-avg' if 'cream-avg' in args.methods else args.methods[-1])
     if ref not in args.methods: raise ConfigError(f"--reference {ref} is not one of --methods ({', '.join(args.methods)}): name the method the others are tested against")
+    from cream_nb.runs.compare import compare, compare_seeds
+    from cream_nb.reporting.tables import compare_text
+    from cream_nb.reporting.report import report_html
     t0 = time.time()
     say = _say()
-    say(f"cream: comparing {', '.join(args.methods)} on the {cfg.preset or 'custom'} config in {args.run_dir}{_processes_note(cfg)}", flush=True)
+    on = f" on seeds {', '.join(map(str, seeds))}" if seeds is not None else ''
+    say(f"cream: comparing {', '.join(args.methods)} on the {cfg.preset or 'custom'} config{on} in {args.run_dir}{_processes_note(cfg)}", flush=True)
+    if seeds is not None:
+        compare_seeds(cfg, seeds, args.methods, args.run_dir, force=args.force, progress=not args.quiet)
+        if not is_writer(): finish(); return 0
+        from cream_nb.reporting.seeds import write_seeds_tables, seeds_text
+        tab = write_seeds_tables(args.run_dir, reference=ref)   # each seed's compare.json too
+        print(f"\ncream: comparison on {len(tab['seeds'])} seeds finished in {time.time()-t0:.0f} s\n\n{seeds_text(tab)}\n\n"
+              f"tables: {args.run_dir/'seeds.json'}; one seed's tables and report: cream report {args.run_dir}/seed-<s>")
+        finish(); return 0
     compare(cfg, args.methods, args.run_dir, force=args.force, progress=not args.quiet)
     if not is_writer(): finish(); return 0   # under accelerate launch the main process writes the report and prints the tables
     report = report_html(args.run_dir, reference=ref)   # writes compare.json too: the tables are computed once
@@ -176,6 +188,17 @@ def _cmd_compare(args) -> int:
 def _is_comparison(args) -> bool:
     from cream_nb.reporting.report import is_comparison
     return args.command == 'report' and is_comparison(args.run_dir)   # `cream report` takes a comparison directory too
+
+def _not_a_run(run_dir:Path) -> str:
+    "What to say of a directory `cream status` / `cream report` cannot read: a comparison, several seeds, or nothing of ours."
+    from cream_nb.reporting.report import is_comparison
+    from cream_nb.reporting.tables import compare_dirs
+    if is_comparison(run_dir):
+        return (f"{run_dir} is a comparison, not one run: `cream status {run_dir/'<method>'}` for one of its methods "
+                f"({', '.join(compare_dirs(run_dir))}), or `cream report {run_dir}`")
+    if any(p.is_dir() for p in run_dir.glob('seed-*')):
+        return f"{run_dir} holds a comparison on several seeds: give one of its seed directories, e.g. {sorted(run_dir.glob('seed-*'))[0]}"
+    return f"{run_dir} is not a run directory (it has no config.json): give the --run-dir of a `cream run`"
 
 # %% ../nbs/70_cli.ipynb #83529584
 def _cmd_report(args) -> Path:
@@ -197,7 +220,7 @@ def main(argv=None) -> int:
     if args.command in ('run', 'compare') and not is_writer(): logging.getLogger('cream_nb').setLevel(logging.ERROR)   # one voice
     try:
         if args.command in ('status', 'report') and not (args.run_dir/'config.json').is_file() and not _is_comparison(args):
-            raise ConfigError(f"{args.run_dir} is not a run directory (it has no config.json): give the --run-dir of a `cream run`")
+            raise ConfigError(_not_a_run(args.run_dir))
         if args.command == 'run': return _cmd_run(args)
         if args.command == 'eval': return _cmd_eval(args)
         if args.command == 'status': print(_status(args)); return 0

@@ -18,6 +18,7 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
 TIMEOUT = 900
 # the tiny preset, smaller still: 1 question of 2 tasks per evaluation, one task's training questions in the prompt pool
 CHEAP = ['--quiet', '--set', 'eval.limit=1', '--set', 'eval.tasks=["arc_easy","gsm8k"]', '--set', 'data.tasks=["arc_easy"]']
+SEEDS_ARGS = ['--methods', 'm1', 'dpo', 'cream-avg', '--iterations', '1', *CHEAP]
 STAGES = ('sample', 'score', 'consistency', 'pairs', 'train', 'evaluate')
 # bitsandbytes logs this on import when the CPU has avx512-bf16 and the `kernels` package is missing: not cream's output
 FOREIGN = ('Failed to load CPU gemm_4bit_forward from kernels-community',)
@@ -78,6 +79,7 @@ def jobs(tmp_path_factory):
     run = Job(run_args, root, 'run')
     comparison = Job(['compare', '--preset', 'tiny', '--run-dir', cmp_dir, '--methods', 'm1', 'dpo', '--iterations', '1',
                       '--reference', 'dpo', *CHEAP], root, 'compare')
+    seeds = Job(['compare', '--preset', 'tiny', '--run-dir', root/'seeds', '--seeds', '0,', *SEEDS_ARGS], root, 'seeds')   # seed 0 alone
     try:
         deadline = time.time() + TIMEOUT
         begun = lambda: (run_dir/'.lock.json').exists() and (run_dir/'config.json').exists()
@@ -89,9 +91,9 @@ def jobs(tmp_path_factory):
                 second, reader = pool.submit(cream, *run_args), pool.submit(cream, 'status', run_dir)
                 second, reader = second.result(), reader.result()
         yield SimpleNamespace(root=root, run_dir=run_dir, cmp_dir=cmp_dir, run=run, compare=comparison, locked=locked,
-                              held_to_the_end=run.running(), second=second, reader=reader)
+                              held_to_the_end=run.running(), second=second, reader=reader, seeds=seeds)
     finally:
-        run.stop(); comparison.stop()
+        run.stop(); comparison.stop(); seeds.stop()
 
 
 @pytest.fixture(scope='module')
@@ -129,6 +131,8 @@ def quick_cases(root:Path) -> dict:
         'status_no_run': ['status', d('status_no_run')],
         'report_no_run': ['report', d('report_no_run')],
         'eval_limit_0': ['eval', 'tiny', '--limit', '0'],
+        'repeated_seed': ['compare', '--preset', 'tiny', '--seeds', '0,1,0', '--run-dir', d('repeated_seed')],
+        'no_seed': ['compare', '--preset', 'tiny', '--seeds', '0', '--run-dir', d('no_seed')],
     }
 
 
@@ -190,6 +194,12 @@ def test_run_dir_that_is_a_file(quick):
 @pytest.mark.parametrize('case', ['status_no_run', 'report_no_run'])
 def test_status_and_report_of_a_missing_run_dir(quick, case):
     one_line_error(quick.r[case], f'{quick.root/case} is not a run directory (it has no config.json)')
+    assert not (quick.root/case).exists()
+
+
+@pytest.mark.parametrize('case, words', [('repeated_seed', ["--seeds '0,1,0': seed 0 is repeated"]), ('no_seed', ["--seeds '0' asks for no seed"])])
+def test_bad_seed_list_is_one_line_before_anything_runs(quick, case, words):
+    one_line_error(quick.r[case], *words)
     assert not (quick.root/case).exists()
 
 
@@ -323,4 +333,35 @@ def test_status_of_a_compared_method_and_of_the_comparison(comparison):
     lines = r.stdout.splitlines()
     assert lines[0] == f'run {d/"dpo"}  preset=tiny  method=dpo  iterations planned=1'
     assert any(l.startswith('  iter1: sample(') for l in lines) and not any(l.startswith('  iter2') for l in lines)
-    one_line_error(cream('status', d), f'{d} is not a run directory')
+    one_line_error(cream('status', d), f'{d} is a comparison, not one run: `cream status {d}/<method>` for one of its methods (m1, dpo)')
+
+
+def test_seeds_run_each_seed_and_adding_one_reuses_the_finished(jobs):
+    "`--seeds 0,` ran in the background; `--seeds 2` (0 and 1) redoes nothing of seed 0 and tabulates both seeds."
+    first = jobs.seeds.result()
+    assert first.returncode == 0, first.stderr[-3000:]
+    d = jobs.root/'seeds'
+    assert 'Across 1 seeds (0)' in first.stdout
+    before = {m: len((d/'seed-0'/m/'stages.jsonl').read_text().splitlines()) for m in ('m1', 'dpo', 'cream-avg')}
+    r = cream('compare', '--run-dir', d, '--seeds', '2', *SEEDS_ARGS)   # the config comes from the first command's compare_config.json
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith(f'cream: comparing m1, dpo, cream-avg on the tiny config on seeds 0, 1 in {d}'), r.stdout[:300]
+    for m, n in before.items():   # seed 0: every stage of the second command was a skip
+        new = [json.loads(l) for l in (d/'seed-0'/m/'stages.jsonl').read_text().splitlines()[n:]]
+        assert new and {e['event'] for e in new} == {'skip'}, (m, new)
+    events = [json.loads(l) for l in (d/'seed-1'/'dpo'/'stages.jsonl').read_text().splitlines()]
+    assert {e['stage'] for e in events if e['event'] in ('done', 'shared')} >= {'sft', 'iter1/sample', 'iter1/train'}
+    cfgs = {s: json.loads((d/f'seed-{s}'/'dpo'/'config.json').read_text()) for s in (0, 1)}
+    assert [(c['loop']['seed'], c['sampling']['seed']) for c in cfgs.values()] == [(0, 0), (1, 1)]
+    assert cfgs[0]['data'] == cfgs[1]['data']   # the same prompts and questions
+    samples = {s: (d/f'seed-{s}'/'dpo'/'iter1'/'samples.jsonl').read_text() for s in (0, 1)}
+    assert samples[0] != samples[1]
+    tab = json.loads((d/'seeds.json').read_text())
+    assert tab['seeds'] == [0, 1] and tab['reference'] == 'cream-avg'
+    acc = {(r_['figure'], r_['method']): r_ for r_ in tab['rows']}
+    per = {s: json.loads((d/f'seed-{s}'/'compare.json').read_text()) for s in (0, 1)}
+    for s in (0, 1):   # the seeds table holds each seed's own pooled accuracy
+        c = per[s]['accuracy']['dpo']['m2']['average']
+        assert acc[('accuracy', 'dpo')]['seeds'][str(s)]['value'] == pytest.approx(c['correct'] / c['n'])
+    assert 'Across 2 seeds (0, 1)' in r.stdout and r.stdout.rstrip().endswith(f'cream report {d}/seed-<s>')
+    one_line_error(cream('status', d), f'{d} holds a comparison on several seeds: give one of its seed directories, e.g. {d}/seed-0')

@@ -280,3 +280,29 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     # gradients were averaged across the processes: the same result as one process on the whole batch
     assert all(torch.allclose(w0[k], one[k], atol=1e-4) for k in w0)
     assert (tmp_path/'two'/'model'/'adapter_model.safetensors').exists()       # saved once, by the main process
+
+
+def test_dpo_runs_in_its_own_precision_after_another_training(tmp_path):
+    """dpo.precision reaches the matmuls of a DPO run that follows another training in the same process (as in the
+    loop): fp32, bf16, fp32 on one model; the fp32 runs agree exactly, bf16 (matmuls only; output layer and loss fp32)
+    moves the loss a little. A machine without bf16 matmuls refuses the explicit bf16 instead."""
+    from dataclasses import replace
+    from cream_nb.models.precision import bf16_matmuls
+    pm, tok, pairs = core_stage_pairs(tmp_path)
+    cfg = DPOConfig(learning_rate=1e-3, batch_size=len(pairs), epochs=2, warmup_ratio=0.0, max_length=256)
+    if not bf16_matmuls():
+        with pytest.raises(RuntimeError, match="dpo.precision='bf16' needs bf16 matmul instructions"):
+            train_dpo(pm, tok, pairs, replace(cfg, precision='bf16'), tmp_path/'x', consistency=1.0, progress=False)
+        return
+    start = _params(pm, 'm2')
+    q = next(m for n, m in pm.named_modules() if n.endswith('q_proj.base_layer'))
+    seen, losses = [], []
+    for k, prec in enumerate(('fp32', 'bf16', 'fp32')):
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if n in start: p.copy_(start[n])   # every run from the same M2 start
+        dtypes = set(); h = q.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+        metrics = train_dpo(pm, tok, pairs, replace(cfg, precision=prec), tmp_path/f'm2-{k}', consistency=1.0, seed=0, progress=False)
+        h.remove(); seen.append(dtypes); losses.append(metrics['loss_last'])
+    assert seen == [{torch.float32}, {torch.bfloat16}, {torch.float32}]
+    assert losses[2] == losses[0] and losses[1] != losses[0] and abs(losses[1] - losses[0]) < 0.1 * abs(losses[0]) + 0.01

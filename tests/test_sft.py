@@ -124,3 +124,33 @@ def test_sft_on_the_offline_seed_data(tmp_path):
     m = train_sft(model, tok, seed, SFTConfig(epochs=1, batch_size=4, max_length=128), tmp_path/'m1', seed=0, progress=False)
     assert m['examples'] == 4 and m['steps'] == 1 and math.isfinite(m['loss_first'])
     assert m['history'][0]['num_tokens'] <= 4 * 128
+
+
+def test_each_training_runs_in_its_own_precision_in_one_process(tmp_path):
+    """sft.precision reaches the matmuls, and a later training on the same model is not held in the earlier one's
+    precision (Trainer's own bf16=True left accelerate's autocast wrapper on the model: the 2nd and 4th trainings below
+    then ran in fp32). fp32 after bf16 gives the first fp32 run's loss exactly; bf16 moves it, a little."""
+    from dataclasses import replace
+    from transformers import set_seed
+    from cream_nb.core.config import preset
+    from cream_nb.models.loading import load_model, add_adapter
+    from cream_nb.models.precision import bf16_matmuls
+    cfg = preset('tiny')
+    model, tok = load_model('tiny')
+    if not bf16_matmuls():   # a machine without bf16 matmuls refuses an explicit bf16 before any work
+        with pytest.raises(RuntimeError, match="sft.precision='bf16' needs bf16 matmul instructions"):
+            train_sft(model, tok, RECS[:8], replace(cfg.sft, precision='bf16'), tmp_path/'x')
+        return
+    seen, out = [], []
+    for k, prec in enumerate(('fp32', 'bf16', 'fp32', 'bf16')):
+        set_seed(1)
+        if 'sft' in getattr(model, 'peft_config', {}): model.delete_adapter('sft')
+        model = add_adapter(model, 'sft', cfg.model)
+        dtypes = set()
+        q = next(m for n, m in model.named_modules() if n.endswith('q_proj.base_layer'))
+        h = q.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+        r = train_sft(model, tok, RECS[:8], replace(cfg.sft, precision=prec, epochs=1, save_steps=0), tmp_path/f'm{k}', seed=0, progress=False)
+        h.remove()
+        seen.append(dtypes); out.append(r['loss_last'])
+    assert seen == [{torch.float32}, {torch.bfloat16}, {torch.float32}, {torch.bfloat16}]
+    assert out[2] == out[0] and out[3] == out[1] and out[1] != out[0] and abs(out[1] - out[0]) < 0.05 * abs(out[0])

@@ -14,6 +14,14 @@ sys.path.insert(0, str(ROOT))
 def _git(*a) -> str:
     return subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
+def _cpu() -> dict:
+    "This CPU's model name and bf16 matmul support (AVX512-BF16 / AMX), which decide what `auto` precisions pick."
+    from cream_nb.models.precision import cpu_has_bf16
+    name = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')), platform.processor()) \
+        if Path('/proc/cpuinfo').exists() else platform.processor()
+    import torch
+    return {'model': name, 'bf16_matmuls': cpu_has_bf16(), 'torch_threads': torch.get_num_threads()}   # bf16 samples change with both
+
 def publish(run_dir:Path, out:Path, command:str, run_commit:str|None=None) -> dict:
     from cream_nb.reporting.tables import compare_dirs, write_tables
     from cream_nb.runs.stage import StageLog
@@ -32,6 +40,7 @@ def publish(run_dir:Path, out:Path, command:str, run_commit:str|None=None) -> di
            'uncommitted_changes': bool(_git('status', '--porcelain', '--untracked-files=no')),
            'made': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(max(e['time'] for e in events))),
            'machine': f"{platform.machine()}, {os.cpu_count()} CPUs visible, torch threads from OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+           'cpu': _cpu(),   # the model and whether it has bf16 matmuls: sampling.engine_dtype='auto' generates in bf16 only where it does
            'wall_seconds': round(max(e['time'] for e in events) - min(e['time'] for e in events)),
            'stage_seconds': stages, 'config': cfg, 'tables': tab}
     out.parent.mkdir(parents=True, exist_ok=True)

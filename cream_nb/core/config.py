@@ -15,7 +15,8 @@ from .artifacts import write_json
 # %% auto #0
 __all__ = ['TASKS', 'JUDGE_SCORINGS', 'EVAL_PROTOCOLS', 'PRESETS', 'PRESET_HELP', 'ConfigError', 'ModelConfig', 'DataConfig',
            'SFTConfig', 'SamplingConfig', 'RewardConfig', 'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig',
-           'CreamConfig', 'config_from_dict', 'save_config', 'load_config', 'preset', 'apply_overrides', 'describe']
+           'CreamConfig', 'config_from_dict', 'save_config', 'load_config', 'preset', 'apply_overrides', 'parse_seeds',
+           'seed_config', 'describe']
 
 # %% ../../nbs/00_core.config.ipynb #da65ce87
 class ConfigError(ValueError):
@@ -41,6 +42,7 @@ def _check_training(section, c):
     _check(0 <= c.warmup_ratio < 1, section, 'warmup_ratio', c.warmup_ratio, "0 <= value < 1")
     _check(c.max_length >= 8, section, 'max_length', c.max_length, "an integer >= 8")
     _check(c.save_steps >= 0, section, 'save_steps', c.save_steps, "an integer >= 0 (0: no mid-stage checkpoints)")
+    _choice(section, 'precision', c.precision, ('fp32', 'bf16', 'auto'))
 
 # %% ../../nbs/00_core.config.ipynb #c798c52e
 @dataclass
@@ -98,6 +100,8 @@ class SFTConfig:
     lr_scheduler: str = _f('cosine', "learning-rate schedule (transformers name)")
     max_length: int = _f(1024, "longest tokenised example; longer ones are truncated")
     save_steps: int = _f(50, "save a Trainer checkpoint every this many optimizer steps, so a killed run resumes mid-stage (0: never)")
+    precision: str = _f('auto', "matmul precision of training: 'fp32', 'bf16' (bf16 autocast, fp32 weights, gradients and optimizer) "
+                        "or 'auto' (bf16 on GPUs with bf16; on CPUs fp32: bf16 ran 1.73x faster on cpu-demo but its final loss left the fp32 runs' spread; bench/training.py)")
     def __post_init__(self): _check_training('sft', self)
 
 # %% ../../nbs/00_core.config.ipynb #1fe8dddd
@@ -172,6 +176,8 @@ class DPOConfig:
     grad_accum: int = _f(1, "gradient accumulation steps")
     max_length: int = _f(1024, "longest prompt+response in tokens")
     save_steps: int = _f(50, "save a Trainer checkpoint every this many optimizer steps, so a killed run resumes mid-stage (0: never)")
+    precision: str = _f('auto', "matmul precision of training: 'fp32', 'bf16' (bf16 autocast, fp32 weights, gradients and optimizer) "
+                        "or 'auto' (bf16 on GPUs with bf16; on CPUs fp32: bf16 ran 1.29x faster on cpu-demo but its loss left the fp32 runs' spread (bf16 policy against fp32 reference log-probs); bench/training.py)")
     def __post_init__(self):
         _check(self.beta > 0, 'dpo', 'beta', self.beta, "a number > 0")
         _check_training('dpo', self)
@@ -191,7 +197,7 @@ class EvalConfig:
     loglik_scorer: str = _f('shared', "who scores the options under protocol 'loglik': 'shared' (each question prefilled once for all "
                             "its options; 6x faster than lm-eval on cpu-demo, log-likelihoods equal to 2e-4 (fp32 rounding), same picks) or 'lm-eval' (lm-evaluation-harness's HFLM, one row per option)")
     precision: str = _f('auto', "matmul precision of loglik scoring: 'fp32', 'bf16' (bf16 matmuls, fp32 logits, log-softmax and sums) or "
-                        "'auto' (bf16 only where bench/precision.py showed >= 99% of predictions unchanged: cream_nb.models.precision.BF16_AUTO; fp32 now)")
+                        "'auto' (fp32 here: bf16 kept 397 of 400 cpu-demo picks, just over the 99% bar, for 1.11x; cream_nb.models.precision.BF16_AUTO)")
     def __post_init__(self):
         for t in self.tasks: _choice('eval', 'tasks', t, TASKS)
         _choice('eval', 'loglik_scorer', self.loglik_scorer, ('shared', 'lm-eval'))
@@ -379,6 +385,31 @@ def apply_overrides(cfg:CreamConfig, overrides) -> CreamConfig:
         if name not in d[section]: raise ConfigError(f"unknown field {name!r} in override {o!r}: {section} has {sorted(d[section])}")
         d[section][name] = _parse_value(raw.strip())
     return config_from_dict(d)
+
+# %% ../../nbs/00_core.config.ipynb #2ea00f9f
+def parse_seeds(text) -> list[int]:
+    "'K' -> [0, ..., K-1]; '0,4,7' (or a list) -> those seeds, checked: integers >= 0, none repeated, at least one."
+    what = f"--seeds {text!r}"
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(' ', '').split(',') if ',' in str(text) else None
+    if items is None:   # one number: how many seeds
+        try: k = int(str(text))
+        except ValueError: raise ConfigError(f"{what} is not a number of seeds or a comma-separated list of seeds: give e.g. 3 or 0,1,2") from None
+        if k < 1: raise ConfigError(f"{what} asks for no seed: give a number of seeds >= 1 or a list such as 0,1,2")
+        return list(range(k))
+    items = [x for x in items if str(x) != ''] if not isinstance(text, (list, tuple)) else list(items)
+    if not items: raise ConfigError(f"{what} names no seed: give a number of seeds or a list such as 0,1,2")
+    seeds = []
+    for x in items:
+        try: s = int(str(x))
+        except ValueError: raise ConfigError(f"{what}: {x!r} is not an integer seed") from None
+        if s < 0: raise ConfigError(f"{what}: seed {s} is negative; seeds are integers >= 0")
+        if s in seeds: raise ConfigError(f"{what}: seed {s} is repeated; name each seed once")
+        seeds.append(s)
+    return seeds
+
+def seed_config(cfg:CreamConfig, seed:int) -> CreamConfig:
+    "`cfg` on seed `seed`: loop.seed (initialisation, data order) and sampling.seed (responses); the data split stays."
+    return apply_overrides(cfg, [f'loop.seed={seed}', f'sampling.seed={seed}'])
 
 # %% ../../nbs/00_core.config.ipynb #5b184813
 def describe(cfg:CreamConfig|None=None) -> str:

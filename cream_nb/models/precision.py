@@ -35,7 +35,7 @@ def generation_dtype(
 # %% ../../nbs/21_models.precision.ipynb #28ca99f6
 import contextlib
 PRECISIONS = ('fp32', 'bf16', 'auto')
-BF16_AUTO = {'reward.precision': False, 'eval.precision': False}   # set from bench/precision.py: does bf16 meet the bar?
+BF16_AUTO = {'reward.precision': False, 'eval.precision': False, 'sft.precision': False, 'dpo.precision': False}   # set from bench/precision.py: does bf16 meet the bar?
 
 def bf16_matmuls(device='cpu') -> bool:
     "Whether `device` has bf16 matrix instructions (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."

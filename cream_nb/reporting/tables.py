@@ -16,8 +16,8 @@ from ..core.config import preset, save_config
 from ..core.artifacts import write_jsonl
 
 # %% auto #0
-__all__ = ['num', 'method_models', 'predictions', 'accuracy_cells', 'paired_mdd', 'paired_tests', 'consistency_table',
-           'movement_table', 'reward_accuracy_table', 'judge_table', 'consistency_statistics',
+__all__ = ['num', 'method_models', 'predictions', 'has_acc_norm', 'accuracy_cells', 'paired_mdd', 'paired_tests',
+           'consistency_table', 'movement_table', 'reward_accuracy_table', 'judge_table', 'consistency_statistics',
            'reward_accuracy_statistics', 'table_statistics', 'compare_dirs', 'compare_tables', 'write_tables',
            'accuracy_text', 'tests_text', 'consistency_text', 'reward_accuracy_text', 'judge_text', 'compare_text',
            'synthetic_comparison', 'summary_table', 'status_text']
@@ -43,9 +43,17 @@ def method_models(run_dir) -> list:
     return out
 
 # %% ../../nbs/60_reporting.tables.ipynb #f5f6c8bc
-def predictions(run_dir, model:str) -> dict:
+def predictions(run_dir, model:str,
+                metric:str='acc', # 'acc', or 'acc_norm': the loglik protocol's per-character pick where a row has one
+               ) -> dict:
     "(task, question id) -> correct, for one model of a method directory."
-    return {(r['task'], r['id']): bool(r['correct']) for r in read_jsonl(_eval_dir(Path(run_dir), model)/'predictions.jsonl')}
+    key = {'acc': 'correct', 'acc_norm': 'correct_norm'}[metric]   # a generated answer (GSM8K) has one pick: acc_norm = acc
+    return {(r['task'], r['id']): bool(r.get(key, r['correct'])) for r in read_jsonl(_eval_dir(Path(run_dir), model)/'predictions.jsonl')}
+
+def has_acc_norm(run_dir, model:str='m1') -> bool:
+    "Whether a model's predictions carry acc_norm (the loglik protocol's multiple-choice rows)."
+    f = _eval_dir(Path(run_dir), model)/'predictions.jsonl'
+    return f.exists() and any('correct_norm' in r for r in read_jsonl(f))
 
 # %% ../../nbs/60_reporting.tables.ipynb #474aa2ef
 def accuracy_cells(preds:dict) -> dict:
@@ -226,6 +234,8 @@ def compare_tables(run_dir, reference:str='cream-avg') -> dict:
             'reward_accuracy': {m: reward_accuracy_table(d) for m, d in dirs.items()},
             'movement': {m: movement_table(d) for m, d in dirs.items()},
             'judge': {m: judge_table(d) for m, d in dirs.items()}}
+    if any(has_acc_norm(d) for d in dirs.values()):   # loglik protocol: lm-eval's length-normalised accuracy beside acc
+        tab['accuracy_norm'] = {m: {k: accuracy_cells(predictions(d, k, 'acc_norm')) for k in method_models(d)} for m, d in dirs.items()}
     tab['statistics'] = table_statistics(tab)
     return tab
 
@@ -246,17 +256,23 @@ def _grid(head:list, rows:list) -> str:
     fmt = lambda r: '  '.join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip()
     return '\n'.join([fmt(head), '  '.join('-' * x for x in w)] + [fmt(r) for r in rows])
 
-def accuracy_text(tab:dict) -> str:
-    "Table 1: accuracy % [95% interval] per task and average, one row per method and model."
-    tasks = sorted({t for m in tab['accuracy'].values() for cells in m.values() for t in cells if t != 'average'})
+def accuracy_text(tab:dict,
+                  key:str='accuracy', # 'accuracy' (acc) or 'accuracy_norm' (acc_norm, loglik protocol only)
+                 ) -> str:
+    "Table 1: accuracy % [95% interval] per task and average, one row per method and model; the title says which accuracy."
+    if key not in tab: return ''
+    tasks = sorted({t for m in tab[key].values() for cells in m.values() for t in cells if t != 'average'})
     rows, seen_m1 = [], False
-    for meth, models in tab['accuracy'].items():
+    for meth, models in tab[key].items():
         for model, cells in models.items():
             if model == 'm1' and seen_m1: continue      # every method starts from the same (shared) M1: shown once
             seen_m1 |= model == 'm1'
             rows.append([meth if model != 'm1' else 'all (SFT)', model] + [_pct(cells.get(t)) for t in tasks + ['average']])
-    n = next((c['n'] for m in tab['accuracy'].values() for cells in m.values() for t, c in cells.items() if t != 'average'), '?')
-    return f"Accuracy, % [95% Wilson interval], {n} questions per task\n" + _grid(['method', 'model'] + tasks + ['average'], rows)
+    n = next((c['n'] for m in tab[key].values() for cells in m.values() for t, c in cells.items() if t != 'average'), '?')
+    what = ('' if 'accuracy_norm' not in tab else                  # loglik protocol: say which of lm-eval's two accuracies this is
+            ", acc (the option of highest log-likelihood; GSM8K: the generated answer)" if key == 'accuracy' else
+            ", acc_norm (the option of highest log-likelihood per character, as lm-evaluation-harness; GSM8K: the generated answer)")
+    return f"Accuracy{what}, % [95% Wilson interval], {n} questions per task\n" + _grid(['method', 'model'] + tasks + ['average'], rows)
 
 # %% ../../nbs/60_reporting.tables.ipynb #fe3d588c
 def _stats(tab:dict) -> dict: return tab.get('statistics') or table_statistics(tab)   # an older compare.json has none: computed here
@@ -327,7 +343,7 @@ def judge_text(tab:dict) -> str:
 # %% ../../nbs/60_reporting.tables.ipynb #b73c8739
 def compare_text(tab:dict) -> str:
     "Every printed table of a comparison."
-    return '\n\n'.join(x for x in [accuracy_text(tab), tests_text(tab), consistency_text(tab), reward_accuracy_text(tab), judge_text(tab)] if x)
+    return '\n\n'.join(x for x in [accuracy_text(tab), accuracy_text(tab, 'accuracy_norm'), tests_text(tab), consistency_text(tab), reward_accuracy_text(tab), judge_text(tab)] if x)
 
 # %% ../../nbs/60_reporting.tables.ipynb #796a155d
 def synthetic_comparison(root:Path, seed:int=0) -> Path:

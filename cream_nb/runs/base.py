@@ -5,7 +5,7 @@
 # %% ../../nbs/52_runs.base.ipynb #692db993
 from __future__ import annotations
 import warnings
-import contextlib, logging, os
+import contextlib, logging, os, shutil
 from pathlib import Path
 from fastcore.basics import patch
 from ..core.config import CreamConfig, save_config, ConfigError
@@ -26,6 +26,7 @@ from ..data.records import split_prompts
 from ..data.sources import seed_data
 from ..models.loading import add_adapter
 from ..stages.sft import train_sft
+from ..stages.trainer import training_precision
 from ..stages.evaluate import evaluate
 
 import cream_nb.models.vllm   # registers the 'vllm' engine with make_engine (vLLM itself is imported only when it serves)
@@ -119,11 +120,18 @@ def registry(self:CreamRun):
     return self._registry
 
 # %% ../../nbs/52_runs.base.ipynb #87cb6c13
+def _drop_dead_temps(run_dir:Path):
+    "Remove the temp copies (`.<name>.tmp-<pid>`, `core.artifacts.atomic_path`) that killed writers left anywhere in `run_dir`."
+    for p in sorted(Path(run_dir).rglob('.*.tmp-*'), reverse=True):   # the caller holds the run's lock: no live writer owns one
+        if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
+        elif p.exists(): p.unlink()
+
 @patch
 def _begin(self:CreamRun):
     "Before the first write: take the lock, write config.json, make checkpoints.json agree with the finished stages."
     self.lock.acquire()
     if self._begun: return
+    if self.lock.held: _drop_dead_temps(self.run_dir)
     if self._registry_problem():   # only reached with --force: `check` refuses it otherwise
         logging.getLogger('cream_nb').warning(f"rebuilding {self.run_dir/'checkpoints.json'} from the finished stages")
         (self.run_dir/'checkpoints.json').unlink(missing_ok=True)
@@ -157,11 +165,22 @@ def launch_problem(cfg:CreamConfig) -> str|None:
 # %% ../../nbs/52_runs.base.ipynb #7e271e3a
 @patch
 def precision(self:CreamRun, switch:str) -> str:
-    "'fp32' or 'bf16': what `switch` ('reward.precision', 'eval.precision') means on this machine (`cream_nb.models.precision.resolve_precision`)."
+    "'fp32' or 'bf16': what `switch` ('sft.precision', 'dpo.precision', 'reward.precision', 'eval.precision') means on this machine (`cream_nb.models.precision.resolve_precision`)."
     import torch
     section, field = switch.split('.')
-    try: return resolve_precision(switch, getattr(getattr(self.cfg, section), field), 'cuda' if torch.cuda.is_available() else 'cpu')
+    value = getattr(getattr(self.cfg, section), field)
+    try:
+        if section in ('sft', 'dpo'): return training_precision(value, switch)   # training: bf16 autocast on CPU, Trainer's bf16 on CUDA
+        return resolve_precision(switch, value, 'cuda' if torch.cuda.is_available() else 'cpu')
     except (RuntimeError, ValueError) as e: raise ConfigError(str(e)) from None
+
+@patch
+def _with_precision(self:CreamRun, conf:dict, section:str) -> dict:
+    "A training stage's fingerprinted settings: a CPU `auto` that resolves to bf16 says so (the fp32 runs made before the switch existed do not match it)."
+    import torch
+    if getattr(self.cfg, section).precision == 'auto' and not torch.cuda.is_available() and self.precision(f'{section}.precision') == 'bf16':
+        conf.setdefault(section, {})['precision'] = 'bf16'
+    return conf
 
 # %% ../../nbs/52_runs.base.ipynb #198a5995
 @patch
@@ -171,7 +190,7 @@ def check(self:CreamRun):
         try: _check_local(self.cfg.model.name)
         except FileNotFoundError as e: raise ConfigError(f"model.name: {e}") from None
     if why := launch_problem(self.cfg): raise ConfigError(why)
-    for switch in ('reward.precision', 'eval.precision'): self.precision(switch)   # bf16 without bf16 matmuls stops here
+    for switch in ('sft.precision', 'dpo.precision', 'reward.precision', 'eval.precision'): self.precision(switch)   # bf16 without bf16 matmuls stops here
     if self.cfg.data.seed_file: self.seed_records()
     self.prompt_subsets()
     if not self.force: self.registry
@@ -273,7 +292,7 @@ def _fresh_adapter(self:CreamRun, name:str, init_from:str|None):
 def sft(self:CreamRun) -> dict:
     "M0 -> M1 on the seed SFT data (skipped when M1 exists and was made with this config)."
     cfg = self.cfg
-    conf = _section(cfg, 'model', 'data.source', 'data.seed_size', 'data.seed', 'sft', 'loop.seed')
+    conf = self._with_precision(_section(cfg, 'model', 'data.source', 'data.seed_size', 'data.seed', 'sft', 'loop.seed'), 'sft')
     fp = fingerprint('sft', conf)
     if cfg.data.seed_file:   # a user's seed data: by content
         conf['data']['seed_file'] = cfg.data.seed_file; fp = fingerprint('sft', conf, _content_fp(self.seed_records()))

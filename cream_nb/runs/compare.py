@@ -7,7 +7,7 @@ Docs: https://cream-nb.github.io/cream_nb/runs.compare.html.md"""
 # %% ../../nbs/55_runs.compare.ipynb #21e503cc
 from __future__ import annotations
 from pathlib import Path
-from ..core.config import CreamConfig, apply_overrides, ConfigError, save_config
+from ..core.config import CreamConfig, apply_overrides, ConfigError, save_config, parse_seeds, seed_config
 from ..core.artifacts import write_json, write_jsonl, reading_only
 from ..core.processes import is_writer, barrier, from_writer
 from . import run as L
@@ -18,7 +18,7 @@ from ..models.logprobs import sequence_logps
 from ..methods.registry import COMPARE_METHODS, DEFAULT_METHODS, comparison_methods, describe_method, method_config
 
 # %% auto #0
-__all__ = ['compare', 'analyse_run']
+__all__ = ['compare', 'compare_seeds', 'analyse_run']
 
 # %% ../../nbs/55_runs.compare.ipynb #6ad94f51
 def compare(
@@ -28,6 +28,7 @@ def compare(
     force:bool=False, # redo finished stages whose settings changed
     progress:bool=False, # progress bars
     analyse:bool=True, # compute the extra log-probs the tables need (consistency of SRLM/Oracle, model movement)
+    shared=None, # the stage cache's folder (default `run_dir/_shared`; `compare_seeds` gives every seed the same one)
 )->Path: # `run_dir`, for `cream_nb.reporting.tables.write_tables`
     "Run every method on the same config and seed, each in `run_dir/<method>/`, sharing stages; return `run_dir`."
     cfg, run_dir = _as_config(config), Path(run_dir)
@@ -36,13 +37,29 @@ def compare(
         save_config(cfg, run_dir/'compare_config.json')
         for m in methods:
             run = L.CreamRun(method_config(cfg, m), run_dir/m, force=force, progress=progress)
-            with using_cache(StageCache(run_dir/'_shared', run.registry)):
+            with using_cache(StageCache(Path(shared or run_dir/'_shared'), run.registry)):
                 if m == 'm1': run.sft(); run.evaluate_m1(); run.summary()
                 else: run.run()
                 if analyse: analyse_run(run)
             del run
     barrier()
     return run_dir
+
+# %% ../../nbs/55_runs.compare.ipynb #a9bcb8ab
+def compare_seeds(
+    config, # a CreamConfig, a preset name or a JSON config path: the settings every method and seed shares
+    seeds, # a list of seeds, or 'K' / '0,4,7' as `cream compare --seeds` takes it (`parse_seeds`)
+    methods=DEFAULT_METHODS, # names from `comparison_methods()`
+    run_dir='runs/compare', # `seed-<s>/` per seed, `_shared/` for the stage cache all seeds use
+    **kw, # `compare`'s force, progress, analyse
+)->dict: # seed -> its comparison directory
+    "`compare` once per seed, each in `run_dir/seed-<s>/`, sharing one stage cache; the seeds and methods are checked first."
+    seeds, cfg, run_dir = parse_seeds(seeds), _as_config(config), Path(run_dir)
+    for m in methods: method_config(cfg, m)
+    with reading_only(not is_writer()): save_config(cfg, run_dir/'compare_config.json')   # a rerun without --preset/--config keeps it
+    out = {}
+    for s in seeds: out[s] = compare(seed_config(cfg, s), methods, run_dir/f'seed-{s}', shared=run_dir/'_shared', **kw)
+    return out
 
 # %% ../../nbs/55_runs.compare.ipynb #d6fcdfba
 def analyse_run(run):

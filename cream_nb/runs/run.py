@@ -121,7 +121,7 @@ def sample(self:Iteration) -> list[dict]:
         write_jsonl(samples, self.dir/'samples.jsonl')
         _drop_partial(part)
         return samples
-    return self._stage('sample', fp, conf, [self.dir/'samples.jsonl'], make, self._checked_samples)
+    return self._stage('sample', fp, conf, [self.dir/'prompts.jsonl', self.dir/'samples.jsonl'], make, self._checked_samples)
 
 # %% ../../nbs/53_runs.run.ipynb #025256a3
 @patch
@@ -212,7 +212,7 @@ def pairs(self:Iteration):
 @patch
 def train(self:Iteration) -> dict:
     "Consistency-regularised DPO: M_t -> M_{t+1}, with M_t as the reference (its log-probs come from the pairs)."
-    conf = _section(self.cfg, 'dpo', 'consistency.mode', 'consistency.fixed', 'loop.method', 'loop.seed', 'model')
+    conf = self.run._with_precision(_section(self.cfg, 'dpo', 'consistency.mode', 'consistency.fixed', 'loop.method', 'loop.seed', 'model'), 'dpo')
     out, metrics_path = self.dir/'model', self.dir/'dpo_metrics.json'
     def make():
         pairs = self.pairs_dataset()

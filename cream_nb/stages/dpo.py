@@ -118,9 +118,9 @@ def policy_logps(
 
 # %% ../../nbs/37_stages.dpo.ipynb #822b4f9b
 from transformers import Trainer, PrinterCallback
-from .trainer import precision_args, training_kwargs, training_summary, AdapterCheckpoints, checkpoint_dir, weights_probe, train_resumable
+from .trainer import AutocastLoss, training_precision, training_kwargs, training_summary, AdapterCheckpoints, checkpoint_dir, weights_probe, train_resumable
 
-class CreamDPOTrainer(AdapterCheckpoints, Trainer):
+class CreamDPOTrainer(AutocastLoss, AdapterCheckpoints, Trainer):
     "`transformers.Trainer` whose loss is `cream_loss` on collated (chosen; rejected) batches with stored reference log-probs."
     loss_is_scaled_for_ga = False    # compute_loss returns a per-batch mean: let Trainer divide by the accumulation steps
     def __init__(self, *args, beta:float=0.1, **kwargs):
@@ -202,6 +202,7 @@ def train_dpo(
     with dropout_off(model):
         args = dpo_training_args(cfg, work, seed, disable_tqdm=not progress, **train_args)
         trainer = CreamDPOTrainer(model=model, args=args, train_dataset=ds, data_collator=CreamDPOCollator(tokenizer.pad_token_id), beta=cfg.beta)
+        trainer.cpu_bf16 = not torch.cuda.is_available() and training_precision(getattr(cfg, 'precision', 'auto'), 'dpo.precision') == 'bf16'
         if not progress: trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter(); train_resumable(trainer); seconds = time.perf_counter() - t0
         with _gathered_for_save(trainer, model):

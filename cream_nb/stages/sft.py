@@ -7,7 +7,8 @@ Docs: https://cream-nb.github.io/cream_nb/stages.sft.html.md"""
 # %% ../../nbs/31_stages.sft.ipynb #23627ae5
 from __future__ import annotations
 import shutil, time
-from .trainer import (AdapterCheckpoints, checkpoint_dir, sft_training_args, train_resumable,
+import torch
+from .trainer import (AdapterCheckpoints, AutocastLoss, training_precision, checkpoint_dir, sft_training_args, train_resumable,
     training_summary, weights_probe)
 from ..models.loading import save_model
 
@@ -44,9 +45,11 @@ def sft_trainer(
 ):
     "TRL `SFTTrainer` over the seed records, tokenised with the model's chat template, loss on the answers only."
     from trl import SFTTrainer
-    trainer_cls = type('CreamSFTTrainer', (AdapterCheckpoints, SFTTrainer), {})
-    return trainer_cls(model=model, args=sft_training_args(cfg, output_dir, seed, **overrides),
-                       train_dataset=sft_examples(records), processing_class=tokenizer)
+    trainer_cls = type('CreamSFTTrainer', (AutocastLoss, AdapterCheckpoints, SFTTrainer), {})
+    trainer = trainer_cls(model=model, args=sft_training_args(cfg, output_dir, seed, **overrides),
+                          train_dataset=sft_examples(records), processing_class=tokenizer)
+    trainer.cpu_bf16 = not torch.cuda.is_available() and training_precision(getattr(cfg, 'precision', 'auto'), 'sft.precision') == 'bf16'
+    return trainer
 
 # %% ../../nbs/31_stages.sft.ipynb #a8bfc382
 def train_sft(

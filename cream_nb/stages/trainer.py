@@ -8,12 +8,13 @@ import hashlib, json, logging, os, shutil
 from pathlib import Path
 import torch
 from transformers import TrainerCallback
+from ..models.precision import PRECISIONS, resolve_precision, matmul_precision
 log = logging.getLogger('cream_nb')
 
 # %% auto #0
 __all__ = ['log', 'CHECKPOINT_DONE', 'last_checkpoint', 'CheckpointMarker', 'AdapterCheckpoints', 'weights_probe',
-           'checkpoint_dir', 'train_resumable', 'precision_args', 'training_kwargs', 'sft_training_args',
-           'training_summary']
+           'checkpoint_dir', 'train_resumable', 'training_precision', 'precision_args', 'AutocastLoss',
+           'training_kwargs', 'sft_training_args', 'training_summary']
 
 # %% ../../nbs/30_stages.trainer.ipynb #ffb2f47d
 CHECKPOINT_DONE = 'complete'
@@ -102,10 +103,29 @@ def train_resumable(
     return _step(ckpt) if ckpt else 0
 
 # %% ../../nbs/30_stages.trainer.ipynb #6c09d46f
-def precision_args() -> dict:
-    "Mixed-precision `TrainingArguments` fields for this machine: bf16 autocast on CUDA devices that support it, else none."
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return dict(bf16=bf16, fp16=False)
+def training_precision(
+    precision:str='auto', # 'fp32', 'bf16' or 'auto' (the config's sft.precision / dpo.precision)
+    switch:str='sft.precision', # the config field, named in errors
+) -> str: # 'fp32' or 'bf16'
+    "What a training runs in: `auto` is bf16 on CUDA devices with bf16 (as before the switch), on CPUs what `resolve_precision` decides."
+    if not torch.cuda.is_available(): return resolve_precision(switch, precision, 'cpu')
+    if precision not in PRECISIONS: resolve_precision(switch, precision, 'cuda')   # names the field and the choices
+    return 'bf16' if precision == 'bf16' or (precision == 'auto' and torch.cuda.is_bf16_supported()) else 'fp32'
+
+def precision_args(precision:str='auto', switch:str='sft.precision') -> dict:
+    "Mixed-precision `TrainingArguments` fields: Trainer's bf16 on CUDA; on CPU none (`AutocastLoss` autocasts there)."
+    return dict(bf16=torch.cuda.is_available() and training_precision(precision, switch) == 'bf16', fp16=False)
+
+class AutocastLoss:
+    """Trainer mixin: on CPU with `cpu_bf16` set, every loss is computed under `matmul_precision(model, 'bf16')` (bf16
+    autocast for the matmuls, the output layer and the loss in fp32); weights, gradients and the optimizer stay fp32.
+    Not Trainer's bf16=True: accelerate then wraps the model's `forward` in autocast and leaves it there, so the next
+    Trainer on the same model (DPO after SFT in one process) ran in the first one's precision."""
+    cpu_bf16 = False
+    def compute_loss_context_manager(self):
+        stack = super().compute_loss_context_manager()   # Trainer's own (autocast on CUDA with bf16=True, ...)
+        if self.cpu_bf16: stack.enter_context(matmul_precision(self.model, 'bf16'))
+        return stack
 
 # %% ../../nbs/30_stages.trainer.ipynb #b3545cd1
 def training_kwargs(
@@ -120,7 +140,8 @@ def training_kwargs(
               learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
               optim='adamw_torch', logging_steps=1, save_strategy='steps' if k else 'no', save_steps=k or 500, save_total_limit=None,
               report_to='none', seed=seed, data_seed=seed,
-              use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False, **precision_args())
+              use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False,
+              **precision_args(getattr(cfg, 'precision', 'auto'), f"{'dpo' if hasattr(cfg, 'beta') else 'sft'}.precision"))
     overrides = dict(overrides)
     for old in ('gradient_checkpointing', 'gradient_checkpointing_kwargs'):       # transformers 5 renamed them
         if old in overrides: overrides[old.replace('gradient', 'activation')] = overrides.pop(old)
