@@ -36,6 +36,11 @@ def test_inlined_javascript_and_size_are_found(tmp_path):
     assert cs.notebook_problems(big) == []
     assert cs.notebook_problems(big, max_bytes=1_000) == [f"{big.stat().st_size/1e6:.1f} MB, over the 0.0 MB limit"]
 
+def test_a_cell_without_id_is_found(tmp_path):
+    p = _nb(tmp_path/'noid.ipynb')
+    nb = json.loads(p.read_text()); nb['cells'][0]['id'] = None; p.write_text(json.dumps(nb))
+    assert cs.notebook_problems(p) == ["cells [0] have no id (nbformat 4.5 needs one; the docs build refuses the notebook)"]
+
 def test_sync_check_fails_on_a_notebook_with_widget_state(tmp_path, monkeypatch, capsys):
     p = _nb(tmp_path/'bad.ipynb', widgets=True)
     monkeypatch.setattr(cs, 'notebooks', lambda root=cs.ROOT: [p])

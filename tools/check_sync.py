@@ -27,6 +27,8 @@ def notebook_problems(path:Path, max_bytes:int=MAX_NOTEBOOK_BYTES) -> list:
             if 'application/javascript' in data or any('plotly.js v' in ''.join(v) for k, v in data.items() if k == 'text/html'):
                 out.append(f"inlined JavaScript in an output of cell {cell.get('id')}"); break
     if len(raw) > max_bytes: out.append(f"{len(raw)/1e6:.1f} MB, over the {max_bytes/1e6:.1f} MB limit")
+    bad = [i for i, c in enumerate(nb.get('cells', [])) if not isinstance(c.get('id'), str) or not c['id']]
+    if bad: out.append(f"cells {bad[:5]} have no id (nbformat 4.5 needs one; the docs build refuses the notebook)")
     return out
 
 def strip_widget_state(path:Path) -> bool:
