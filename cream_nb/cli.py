@@ -8,7 +8,7 @@ Docs: https://cream-nb.github.io/cream_nb/cli.html.md"""
 from __future__ import annotations
 import argparse, json, os, sys, time
 from pathlib import Path
-from .core.config import CreamConfig, PRESETS, preset, load_config, apply_overrides, ConfigError, describe, parse_seeds
+from .core.config import CreamConfig, PRESETS, preset, load_config, apply_overrides, ConfigError, describe, parse_seeds, TRACKERS, tracker_missing
 from .core.artifacts import ArtifactError, RunLocked, read_json
 from .core.processes import is_writer, world_size, finish, rank
 from .core.config import EvalConfig
@@ -35,6 +35,8 @@ def add_compare_parser(sub):
     c.add_argument('--seeds', default=None, metavar='K|S1,S2,..', help="repeat the comparison on K seeds (0..K-1) or on the listed ones, "
                    "each in RUN_DIR/seed-<s>/ (loop.seed and sampling.seed: initialisation, data order, samples); rerun with more seeds to add them")
     c.add_argument('--reference', default=None, help="the method every other one is tested against (McNemar; default cream-avg when compared, else the last method)")
+    c.add_argument('--report-to', choices=list(TRACKERS), default=None, help="an experiment tracker for the Trainer's step logs and each "
+                   "iteration's metrics (loop.report_to; default none): tensorboard writes RUN_DIR/tensorboard, wandb runs offline; each is an extra to install")
     c.add_argument('--force', action='store_true', help="redo finished stages whose settings changed")
     c.add_argument('--quiet', action='store_true', help="no progress bars")
     return c
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--iterations', type=int, help="T, self-rewarding iterations (loop.iterations)")
     r.add_argument('--prompts-file', type=Path, help="your own prompt pool: JSONL or a datasets folder of prompt records (data.prompts_file)")
     r.add_argument('--seed-file', type=Path, help="your own seed SFT data: JSONL or a datasets folder, answers last (data.seed_file)")
+    r.add_argument('--report-to', choices=list(TRACKERS), default=None, help="an experiment tracker for the Trainer's step logs and each "
+                   "iteration's metrics (loop.report_to; default none): tensorboard writes RUN_DIR/tensorboard, wandb runs offline; each is an extra to install")
     r.add_argument('--force', action='store_true', help="redo finished stages whose settings changed")
     r.add_argument('--quiet', action='store_true', help="no progress bars")
     e = sub.add_parser('eval', help="evaluate a checkpoint of a run, or any model")
@@ -83,6 +87,7 @@ def resolve_config(args) -> CreamConfig:
     ov = list(args.overrides)
     if args.method: ov.append(f'loop.method="{args.method}"')
     if args.iterations is not None: ov.append(f'loop.iterations={args.iterations}')
+    if args.report_to: ov.append(f'loop.report_to="{args.report_to}"')
     for k in ('prompts_file', 'seed_file'):       # stored absolute, so a resume from another folder finds them
         if getattr(args, k, None) is not None: ov.append(f'data.{k}={json.dumps(str(getattr(args, k).absolute()))}')
     cfg = apply_overrides(cfg, ov)
@@ -115,6 +120,7 @@ def _check_run_dir(d:Path):
 # %% ../nbs/70_cli.ipynb #d8d9d916
 def _cmd_run(args) -> int:
     cfg = resolve_config(args)
+    if (why := tracker_missing(cfg.loop.report_to)): raise ConfigError(why)
     _check_run_dir(args.run_dir)
     from cream_nb.runs.run import CreamRun   # torch, transformers: after the arguments are found good
     from cream_nb.reporting.tables import summary_table
@@ -158,7 +164,9 @@ def _cmd_compare(args) -> int:
     seeds = None if args.seeds is None else parse_seeds(args.seeds)   # a bad list stops here, before any import or write
     saved = args.run_dir/'compare_config.json'   # a comparison resumed without --preset/--config keeps its settings
     cfg = load_config(args.config) if args.config else preset(args.preset) if args.preset else load_config(saved) if saved.exists() else preset('cpu-demo')
-    cfg = apply_overrides(cfg, list(args.overrides) + ([f'loop.iterations={args.iterations}'] if args.iterations is not None else []))
+    cfg = apply_overrides(cfg, list(args.overrides) + ([f'loop.iterations={args.iterations}'] if args.iterations is not None else [])
+                          + ([f'loop.report_to="{args.report_to}"'] if args.report_to else []))
+    if (why := tracker_missing(cfg.loop.report_to)): raise ConfigError(why)   # before anything is imported or written
     ref = args.reference or ('cream-avg' if 'cream-avg' in args.methods else args.methods[-1])
     if ref not in args.methods: raise ConfigError(f"--reference {ref} is not one of --methods ({', '.join(args.methods)}): name the method the others are tested against")
     from cream_nb.runs.compare import compare, compare_seeds

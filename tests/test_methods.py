@@ -15,19 +15,19 @@ from cream_nb.methods import length as length_
 from conftest import CREAM
 from test_loop import _copy_sft
 
-BUILTIN = ('cream', 'srlm', 'dpo', 'oracle', 'cream-lc')
+BUILTIN = ('cream', 'srlm', 'dpo', 'oracle', 'cream-lc', 'scpo')
 
 
 # ---- the registry ------------------------------------------------------------------------------
 def test_registry_names_and_unknown_name():
     assert M.method_names() == BUILTIN
     assert [M.get_method(n).name for n in BUILTIN] == list(BUILTIN)
-    with pytest.raises(ConfigError, match=r"unknown method 'ppo': known methods are 'cream', 'srlm', 'dpo', 'oracle', 'cream-lc'"):
+    with pytest.raises(ConfigError, match=r"unknown method 'ppo': known methods are 'cream', 'srlm', 'dpo', 'oracle', 'cream-lc', 'scpo'"):
         M.get_method('ppo')
     with pytest.raises(ValueError, match="already registered"): M.register_method(M.get_method('dpo'))
     with pytest.raises(TypeError, match="takes a Method"): M.register_method('dpo')
     # a run refuses an unknown method with the registered ones (config itself holds plain values)
-    with pytest.raises(ConfigError, match=r"unknown method 'ppo': known methods are 'cream', 'srlm', 'dpo', 'oracle', 'cream-lc'"):
+    with pytest.raises(ConfigError, match=r"unknown method 'ppo': known methods are 'cream', 'srlm', 'dpo', 'oracle', 'cream-lc', 'scpo'"):
         M.method_for(apply_overrides(preset('tiny'), ['loop.method="ppo"']))
 
 
@@ -57,9 +57,9 @@ def test_models_rates_and_labels_per_method():
     models = {n: [M.get_method(n).models(t) for t in (1, 2, 3)] for n in BUILTIN}
     implicit = [['m1', 'm0'], ['m2', 'm1', 'm0'], ['m3', 'm2', 'm1']]
     assert models == {'cream': implicit, 'dpo': implicit, 'cream-lc': implicit,
-                      'srlm': [['m1'], ['m2'], ['m3']], 'oracle': [['m1'], ['m2'], ['m3']]}
+                      'srlm': [['m1'], ['m2'], ['m3']], 'oracle': [['m1'], ['m2'], ['m3']], 'scpo': [['m1'], ['m2'], ['m3']]}
     tiny = preset('tiny')
-    assert {n: M.get_method(n).rate(tiny) for n in BUILTIN} == {'cream': 'avg', 'cream-lc': 'avg', 'dpo': 1.0, 'srlm': 1.0, 'oracle': 1.0}
+    assert {n: M.get_method(n).rate(tiny) for n in BUILTIN} == {'cream': 'avg', 'cream-lc': 'avg', 'dpo': 1.0, 'srlm': 1.0, 'oracle': 1.0, 'scpo': 1.0}
     dyn, fixed = (apply_overrides(tiny, [o]) for o in ('consistency.mode="dyn"', 'consistency.fixed=0.25'))
     assert (M.get_method('cream').rate(dyn), M.get_method('cream').rate(fixed), M.get_method('dpo').rate(fixed)) == ('dyn', 0.25, 1.0)
     assert M.get_method('cream').reward_names(1) == ('M1 reward', 'M0 normalised likelihood')
@@ -285,3 +285,46 @@ def test_srlm_advice_names_the_judge_when_nothing_parses(tiny_run, tmp_path):
     assert it['pairs']['pairs'] == 0 and it['dpo']['steps'] == 0
     assert 'judge wrote no parsable score in any of its 32 judgements' in it['dpo']['skipped']
     assert "reward.judge_scoring='expected'" in it['dpo']['skipped'] and 'more prompts' not in it['dpo']['skipped']
+
+
+# ---- ScPO on the tiny loop: responses with known votes, pairs weighted by the vote margin ----------------
+VOTES = ['AAAB', 'ABBC', 'CCDD', 'DDDD', 'AA-B']   # per prompt (cycled): the answer letter of each of the 4 responses
+EXPECT = {'AAAB': (0, 3, 0.5), 'ABBC': (1, 0, 0.25), 'CCDD': 'tied_votes', 'DDDD': 'unanimous', 'AA-B': (0, 3, 0.25)}
+
+
+def test_scpo_trains_on_vote_pairs_weighted_by_the_margin(tiny_run, tmp_path, monkeypatch):
+    "The engine's samples are replaced by responses whose votes are known; pairs, weights, skips and training follow them."
+    from cream_nb.runs.run import CreamRun, Iteration
+    from cream_nb.data.answers import EXTRACT_TASKS
+    d_full, _ = tiny_run
+    d = tmp_path/'scpo'
+    _copy_sft(d_full, d)
+    cfg = apply_overrides(preset('tiny'), ['loop.iterations=1', 'loop.method="scpo"'])
+    run, real, seen = CreamRun(cfg, d, progress=False), Iteration.sample, {}
+    def sample(self):
+        def generate(name, prompts, params, progress=False, resume_path=None):
+            out = []
+            for i, p in enumerate(prompts):
+                labels, pat = [c['label'] for c in p['choices']] or ['11', '12', '13', '14'], VOTES[i % len(VOTES)]
+                resp = ["I am not sure." if c == '-' else f"The answer is {labels['ABCD'.index(c) % len(labels)]}." for c in pat]
+                seen[p['id']] = pat if p['task'] in EXTRACT_TASKS else 'open'
+                out.append({'prompt_id': p['id'], 'responses': resp,
+                            'response_token_ids': [self.run.tokenizer(r, add_special_tokens=False)['input_ids'] for r in resp]})
+            return out
+        self.run.engine.generate = generate   # for this stage only: evaluation generates with the real engine
+        try: return real(self)
+        finally: del self.run.engine.generate
+    monkeypatch.setattr(Iteration, 'sample', sample)
+    s = run.run()
+    it, it_dir = s['iterations'][0], d/'iter1'
+    want = {pid: EXPECT[pat] if pat != 'open' else 'unextractable' for pid, pat in seen.items()}
+    # 3-choice questions (siqa) turn D into A: DDDD stays unanimous, CCDD tied
+    pairs = load_dataset_dir(it_dir/'pairs')
+    got = {p: (c, r, w) for p, c, r, w in zip(pairs['prompt_id'], pairs['chosen_index'], pairs['rejected_index'], pairs['weight'])}
+    assert got == {p: w for p, w in want.items() if isinstance(w, tuple)}
+    skipped = {k[8:]: v for k, v in it['pairs'].items() if k.startswith('skipped_') and v}
+    assert skipped == {r: sum(w == r for w in want.values()) for r in set(want.values()) if isinstance(r, str)}
+    votes = read_json(it_dir/'votes.json')
+    assert votes['prompts'] == len(seen) and votes['skipped'] == skipped
+    assert it['dpo']['pairs'] == len(got) >= 1 and it['dpo']['steps'] >= 1
+    assert sorted(p.name for p in it_dir.glob('logps_*.jsonl')) == ['logps_m1.jsonl']   # only M_t: the DPO reference

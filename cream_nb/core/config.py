@@ -6,17 +6,17 @@ Docs: https://cream-nb.github.io/cream_nb/core.config.html.md"""
 
 # %% ../../nbs/00_core.config.ipynb #ce333561
 from __future__ import annotations
-import dataclasses, json, math, types, typing
+import dataclasses, importlib.util, json, math, types, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any
 from .artifacts import write_json
 
 # %% auto #0
-__all__ = ['TASKS', 'JUDGE_SCORINGS', 'EVAL_PROTOCOLS', 'PRESETS', 'PRESET_HELP', 'ConfigError', 'ModelConfig', 'DataConfig',
-           'SFTConfig', 'SamplingConfig', 'RewardConfig', 'ConsistencyConfig', 'DPOConfig', 'EvalConfig', 'LoopConfig',
-           'CreamConfig', 'config_from_dict', 'save_config', 'load_config', 'preset', 'apply_overrides', 'parse_seeds',
-           'seed_config', 'describe']
+__all__ = ['TASKS', 'JUDGE_SCORINGS', 'EVAL_PROTOCOLS', 'TRACKERS', 'PRESETS', 'PRESET_HELP', 'ConfigError', 'ModelConfig',
+           'DataConfig', 'SFTConfig', 'SamplingConfig', 'RewardConfig', 'ConsistencyConfig', 'DPOConfig', 'EvalConfig',
+           'tracker_missing', 'LoopConfig', 'CreamConfig', 'config_from_dict', 'save_config', 'load_config', 'preset',
+           'apply_overrides', 'parse_seeds', 'seed_config', 'describe']
 
 # %% ../../nbs/00_core.config.ipynb #da65ce87
 class ConfigError(ValueError):
@@ -207,14 +207,25 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, 'eval', 'max_new_tokens', self.max_new_tokens, "an integer >= 1")
 
 # %% ../../nbs/00_core.config.ipynb #15ee2f1a
+TRACKERS = {'none': None, 'tensorboard': 'tensorboard', 'trackio': 'trackio', 'wandb': 'wandb', 'mlflow': 'mlflow'}   # loop.report_to -> the module it needs
+
+def tracker_missing(name:str) -> str|None:
+    "The one-line reason `loop.report_to = name` cannot run here (its package is not installed), or None."
+    mod = TRACKERS.get(name)
+    if mod is None or importlib.util.find_spec(mod) is not None: return None
+    return (f"loop.report_to = {name!r} needs the {mod} package, which is not installed: pip install 'cream_nb[{name}]' "
+            "(or report to 'none')")
+
 @dataclass
 class LoopConfig:
     "The iteration runner."
     method: str = _f('cream', "a registered method (cream_nb.methods.registry): 'cream', 'srlm' (LLM-as-a-judge + DPO), 'dpo' (implicit reward, no regularisation), 'oracle' (gold-answer reward), 'cream-lc' (CREAM with DICE's length control), or one registered since")
     iterations: int = _f(2, "T, self-rewarding iterations after SFT (paper: 2, giving M2 and M3)")
     seed: int = _f(42, "global seed (torch, numpy, python)")
+    report_to: str = _f('none', "an experiment tracker for the Trainer's step logs and each iteration's metrics: 'none', 'tensorboard' (event files in RUN_DIR/tensorboard), 'trackio', 'wandb' (offline), 'mlflow' (RUN_DIR/mlflow.db; a comparison's in its folder); each but 'none' is an extra to install (cream_nb[tensorboard] ...)")
     def __post_init__(self):
         _check(self.iterations >= 1, 'loop', 'iterations', self.iterations, "an integer >= 1")
+        _choice('loop', 'report_to', self.report_to, TRACKERS)
 
 # %% ../../nbs/00_core.config.ipynb #5cc7c4e7
 _SECTIONS = dict(model=ModelConfig, data=DataConfig, sft=SFTConfig, sampling=SamplingConfig, reward=RewardConfig,

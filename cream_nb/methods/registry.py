@@ -47,6 +47,8 @@ class Method:
     implicit: bool = False # its rewards are DPO implicit rewards, so a length control may correct them
     length_control: str = 'off' # the length control it always applies ('dice' for cream-lc)
     artifacts: tuple = () # JSON files its reward function adds to `ScoreContext.artifacts`
+    pair_weight: Callable|None = None # (chosen_reward, rejected_reward) -> the pair's loss weight (ScPO's vote margin); None: 1
+    nll_alpha: float = 0.0 # weight of the chosen response's per-token NLL added to the DPO loss (ScPO: 1)
     def __repr__(self): return f"Method({self.name!r}: {self.description})"
 
 # %% ../../nbs/41_methods.registry.ipynb #156fa3da

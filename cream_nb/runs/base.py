@@ -8,10 +8,12 @@ import warnings
 import contextlib, logging, os, shutil
 from pathlib import Path
 from fastcore.basics import patch
-from ..core.config import CreamConfig, save_config, ConfigError
+from ..core.config import CreamConfig, save_config, ConfigError, tracker_missing
+from .tracking import open_tracker, TrackerCallback, iteration_metrics
+from .summary import run_summary
 from cream_nb.core.artifacts import (write_json, read_json, read_jsonl, ArtifactError, RunLock, check_weights,
     fingerprint)
-from ..core.processes import world_size
+from ..core.processes import world_size, is_writer
 from ..methods.registry import method_for
 from .stage import StageLog, _Redo, _as_config, _drop_partial, _partial_log, _section, run_stage
 from ..models.loading import CheckpointRegistry
@@ -49,6 +51,7 @@ class CreamRun:
                  progress:bool=True): # show progress bars
         self.cfg, self.run_dir, self.force, self.progress = _as_config(config), Path(run_dir), force, progress
         method_for(self.cfg)   # a method the registry lacks, or an option it cannot take, is refused before anything runs
+        if (why := tracker_missing(self.cfg.loop.report_to)): raise ConfigError(why)   # a tracker not installed: before any work
         if not progress:
             import datasets; datasets.disable_progress_bars()
         self.log = StageLog(self.run_dir/'stages.jsonl')
@@ -57,6 +60,7 @@ class CreamRun:
         self._full_models = {}
         self._pool = self._seed = None
         self._dry = self._begun = False
+        self._tracker, self.track_group, self.track_root = None, None, None   # `compare` names the group and its folder
 
     def __repr__(self): return f"CreamRun({self.cfg.preset or 'custom'} config, method={self.cfg.loop.method}, run_dir={self.run_dir})"
 
@@ -301,12 +305,38 @@ def sft(self:CreamRun) -> dict:
         ds = self.seed_records()
         self.release_engine()
         model = self._fresh_adapter('m1', None) if self.lora else load_model(cfg.model)[0]
-        metrics = train_sft(model, self.tokenizer, ds, cfg.sft, out, seed=cfg.loop.seed, progress=self.progress)
+        metrics = train_sft(model, self.tokenizer, ds, cfg.sft, out, seed=cfg.loop.seed, progress=self.progress, callbacks=self._callbacks('sft'))
         write_json(metrics, metrics_path)
         self.registry.register('m1', str(out), 'm0')
         return metrics
     return run_stage('sft', self.run_dir/'_stage_sft.json', fp, conf, [out, metrics_path], make, self.log, self.force,
                      load=lambda: check_weights(out) and read_json(metrics_path), dry=self._dry, begin=self._begin)
+
+# %% ../../nbs/52_runs.base.ipynb #0ba72717
+@patch(as_prop=True)
+def tracker(self:CreamRun):
+    "The run's tracker (`loop.report_to`), opened by the writing process on first use; None for 'none' and on the other processes."
+    if self._tracker is None and self.cfg.loop.report_to != 'none' and is_writer():
+        params = {f'{s}.{k}': v for s, sec in self.cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
+        self._tracker = open_tracker(self.cfg.loop.report_to, self.run_dir, self.run_dir.name, self.track_group or self.run_dir.name,
+                                     self.track_root or self.run_dir, {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))})
+    return self._tracker
+
+@patch
+def _callbacks(self:CreamRun, prefix:str) -> list:
+    "The Trainer callbacks of a training stage: the tracker's, when there is one."
+    return [TrackerCallback(self.tracker, prefix)] if self.tracker is not None else []
+
+@patch
+def track(self:CreamRun, t:int):
+    "Send iteration `t`'s metrics (0: M1) to the tracker, if the run has one."
+    if self.tracker is not None: self.tracker.log(iteration_metrics(run_summary(self.run_dir), t), t)
+
+@patch
+def close_tracker(self:CreamRun):
+    "Finish the tracked run (a later `run()` opens a new one)."
+    if self._tracker is not None: self._tracker.close(); self._tracker = None
+
 
 # %% ../../nbs/52_runs.base.ipynb #a07f3351
 @patch

@@ -29,6 +29,7 @@ def compare(
     progress:bool=False, # progress bars
     analyse:bool=True, # compute the extra log-probs the tables need (consistency of SRLM/Oracle, model movement)
     shared=None, # the stage cache's folder (default `run_dir/_shared`; `compare_seeds` gives every seed the same one)
+    group:str|None=None, # the trackers' group of this comparison's runs (default: `run_dir`'s name; `compare_seeds`: '<name>-seed-<s>')
 )->Path: # `run_dir`, for `cream_nb.reporting.tables.write_tables`
     "Run every method on the same config and seed, each in `run_dir/<method>/`, sharing stages; return `run_dir`."
     cfg, run_dir = _as_config(config), Path(run_dir)
@@ -37,8 +38,9 @@ def compare(
         save_config(cfg, run_dir/'compare_config.json')
         for m in methods:
             run = L.CreamRun(method_config(cfg, m), run_dir/m, force=force, progress=progress)
+            run.track_group, run.track_root = group or run_dir.name, run_dir   # one tracked run per method, grouped by comparison
             with using_cache(StageCache(Path(shared or run_dir/'_shared'), run.registry)):
-                if m == 'm1': run.sft(); run.evaluate_m1(); run.summary()
+                if m == 'm1': run.sft(); run.evaluate_m1(); run.track(0); run.close_tracker(); run.summary()
                 else: run.run()
                 if analyse: analyse_run(run)
             del run
@@ -58,7 +60,7 @@ def compare_seeds(
     for m in methods: method_config(cfg, m)
     with reading_only(not is_writer()): save_config(cfg, run_dir/'compare_config.json')   # a rerun without --preset/--config keeps it
     out = {}
-    for s in seeds: out[s] = compare(seed_config(cfg, s), methods, run_dir/f'seed-{s}', shared=run_dir/'_shared', **kw)
+    for s in seeds: out[s] = compare(seed_config(cfg, s), methods, run_dir/f'seed-{s}', shared=run_dir/'_shared', group=f'{run_dir.name}-seed-{s}', **kw)
     return out
 
 # %% ../../nbs/55_runs.compare.ipynb #d6fcdfba

@@ -198,11 +198,13 @@ def pairs(self:Iteration):
     def make():
         prompts, samples, cons = self.prompts(), self.samples(), self.consistency_result()
         cur = {r['prompt_id']: r['current'] for r in self.rewards() if r['current'] is not None}
+        skips = {r['prompt_id']: r['skip'] for r in self.rewards() if r.get('skip')}   # a method's reason for giving a prompt no pair
         ref = {r['prompt_id']: r['logps'] for r in self.logps(self.m_t)}
         C, rates = cons['set'], cons['per_prompt'] or None
         paired = [p for p in (rates or {}) if p in cur and None not in cur[p] and max(cur[p]) != min(cur[p])]
         if self.cfg.consistency.paper_code and paired: C = set_consistency(rates, among=paired)   # the paper's 'avg': prompts with a pair
-        ds, stats = preference_pairs(prompts, samples, cur, rates=rates, set_rate=C, ref_logps=ref)
+        ds, stats = preference_pairs(prompts, samples, cur, rates=rates, set_rate=C, ref_logps=ref, skips=skips or None,
+                                     weight=self.method.pair_weight)
         save_dataset(ds, self.dir/'pairs'); write_json(stats, self.dir/'pairs_stats.json')
         return ds
     return self._stage('pairs', fingerprint('pairs', self.fp('consistency')), {}, [self.dir/'pairs', self.dir/'pairs_stats.json'],
@@ -226,7 +228,9 @@ def train(self:Iteration) -> dict:
                        f"judgements (see {self.dir/'judge_stats.json'}), so {self.m_next} is a copy of {self.m_t}; "
                        "reward.judge_scoring='expected' reads the score from the judge's next-token probabilities instead")
             else:
-                why = (f"iteration {self.t} has no preference pairs (see {self.dir/'pairs_stats.json'}), so {self.m_next} "
+                ps = read_json(self.dir/'pairs_stats.json')
+                skipped = ', '.join(f"{v} {k[8:].replace('_', ' ')}" for k, v in ps.items() if k.startswith('skipped_') and v)
+                why = (f"iteration {self.t} has no preference pairs ({ps['prompts']} prompts: {skipped or 'none scored'}; see {self.dir/'pairs_stats.json'}), so {self.m_next} "
                        f"is a copy of {self.m_t}; more prompts (data.prompts_per_iteration) or responses (sampling.n_responses) help")
             log.warning(why)
             save_model(model, out, name=self.m_next if self.run.lora else None, tokenizer=self.run.tokenizer)
@@ -234,7 +238,8 @@ def train(self:Iteration) -> dict:
         else:
             metrics = train_dpo(model, self.run.tokenizer, pairs, self.cfg.dpo, out,
                                 consistency=self.training_consistency(), seed=self.cfg.loop.seed + self.t,
-                                progress=self.run.progress)
+                                progress=self.run.progress, callbacks=self.run._callbacks(f'dpo/iter{self.t}'),
+                                **({'nll_alpha': self.method.nll_alpha} if self.method.nll_alpha else {}))
         write_json(metrics, metrics_path)
         self.run.registry.register(self.m_next, str(out), self.m_t)
         if not self.run.lora: self.run._full_models[self.m_next] = model
@@ -273,11 +278,11 @@ def run(self:CreamRun) -> dict:
         self._lock_or_refuse()   # a second writer is refused here, before it reads or writes anything
         try:
             self.check()
-            self.sft(); self.evaluate_m1()
-            for t in range(1, self.cfg.loop.iterations + 1): self.iteration(t).run_all()
+            self.sft(); self.evaluate_m1(); self.track(0)
+            for t in range(1, self.cfg.loop.iterations + 1): self.iteration(t).run_all(); self.track(t)
             self._begin()
             return self.summary()
-        finally: self.lock.release(); self._begun = False
+        finally: self.lock.release(); self._begun = False; self.close_tracker()
 
 @patch
 def _lock_or_refuse(self:CreamRun):

@@ -120,7 +120,7 @@ NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the v
                     'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto', 'sampling.tensor_parallel_size': 1,
                     'reward.judge_scoring': 'generate', 'eval.loglik_scorer': 'shared', 'eval.precision': 'auto',
                     'reward.precision': 'auto', 'sft.precision': 'auto', 'dpo.precision': 'auto'}
-UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps'}   # how often a stage checkpoints changes nothing it makes
+UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps', 'loop.report_to'}   # how often a stage checkpoints, or where it reports, changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:
     "The named sections (or 'section.field' entries) of `cfg` as a dict, for fingerprints and diffs."

@@ -18,7 +18,7 @@ from ..models.logprobs import _accepts_logits_to_keep
 
 # %% auto #0
 __all__ = ['PAIR_COLUMNS', 'DPO_METRICS', 'cream_loss', 'pair_consistency', 'tokenize_pairs', 'CreamDPOCollator', 'policy_logps',
-           'CreamDPOTrainer', 'dpo_training_args', 'dropout_off', 'train_dpo']
+           'weighted_loss', 'CreamDPOTrainer', 'dpo_training_args', 'dropout_off', 'train_dpo']
 
 # %% ../../nbs/37_stages.dpo.ipynb #894bbd09
 def cream_loss(
@@ -86,6 +86,7 @@ def tokenize_pairs(
             out[f'{k}_ids'].append(ids); out[f'{k}_n_prompt'].append(n)
         out['prompt_id'].append(r['prompt_id']); out['consistency'].append(c)
         out['ref_chosen_logps'].append(float(r['ref_chosen_logps'])); out['ref_rejected_logps'].append(float(r['ref_rejected_logps']))
+        if 'weight' in pairs.column_names: out.setdefault('weight', []).append(float(r['weight']))   # a method's per-pair loss weight (ScPO)
     return Dataset.from_dict(out)
 
 # %% ../../nbs/37_stages.dpo.ipynb #06ae8d9f
@@ -102,7 +103,8 @@ class CreamDPOCollator:
             labels[i, k-(len(s)-n):] = torch.tensor(s[n:])
         col = lambda name: torch.tensor([r[name] for r in rows], dtype=torch.float32)
         return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), labels=labels,
-                    consistency=col('consistency'), ref_chosen_logps=col('ref_chosen_logps'), ref_rejected_logps=col('ref_rejected_logps'))
+                    consistency=col('consistency'), ref_chosen_logps=col('ref_chosen_logps'), ref_rejected_logps=col('ref_rejected_logps'),
+                    **({'weight': col('weight')} if 'weight' in rows[0] else {}))
 
 # %% ../../nbs/37_stages.dpo.ipynb #8f12e7e2
 def policy_logps(
@@ -116,6 +118,21 @@ def policy_logps(
     logps = selective_log_softmax(out.logits[:, -(k + 1):-1], batch['labels']).sum(-1)
     return logps.chunk(2)
 
+# %% ../../nbs/37_stages.dpo.ipynb #8b0df415
+def weighted_loss(
+    losses:Tensor, # (batch,) `cream_loss` per pair
+    policy_chosen_logps:Tensor, # (batch,) summed log pi(y+|x)
+    batch:dict, # the collated batch: `labels` (2B, k), `weight` (B,) when the pairs have one
+    nll_alpha:float=0.0, # weight of the chosen response's length-normalised NLL
+)->Tensor: # (batch,) w * losses + alpha * NLL(y+)/|y+|
+    "Each pair's loss times its weight, plus `nll_alpha` times the chosen response's per-token NLL."
+    if 'weight' in batch: losses = batch['weight'].to(losses.dtype) * losses
+    if nll_alpha:
+        n = (batch['labels'][:len(losses)] != -100).sum(-1).clamp(min=1).to(losses.dtype)
+        losses = losses - nll_alpha * policy_chosen_logps / n
+    return losses
+
+
 # %% ../../nbs/37_stages.dpo.ipynb #822b4f9b
 from transformers import Trainer, PrinterCallback
 from .trainer import AutocastLoss, training_precision, training_kwargs, training_summary, AdapterCheckpoints, checkpoint_dir, weights_probe, train_resumable
@@ -123,13 +140,14 @@ from .trainer import AutocastLoss, training_precision, training_kwargs, training
 class CreamDPOTrainer(AutocastLoss, AdapterCheckpoints, Trainer):
     "`transformers.Trainer` whose loss is `cream_loss` on collated (chosen; rejected) batches with stored reference log-probs."
     loss_is_scaled_for_ga = False    # compute_loss returns a per-batch mean: let Trainer divide by the accumulation steps
-    def __init__(self, *args, beta:float=0.1, **kwargs):
+    def __init__(self, *args, beta:float=0.1, nll_alpha:float=0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.beta, self._metrics = beta, {'train': defaultdict(list), 'eval': defaultdict(list)}
+        self.beta, self.nll_alpha, self._metrics = beta, nll_alpha, {'train': defaultdict(list), 'eval': defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pc, pr = policy_logps(model, inputs)
         losses, cr, rr = cream_loss(pc, pr, inputs['ref_chosen_logps'], inputs['ref_rejected_logps'], inputs['consistency'], self.beta)
+        losses = weighted_loss(losses, pc, inputs, self.nll_alpha)
         self._record('train' if model.training else 'eval', cr, rr, pc.detach(), pr.detach(), inputs['consistency'])
         loss = losses.mean()
         return (loss, {'chosen_rewards': cr, 'rejected_rewards': rr}) if return_outputs else loss
@@ -192,18 +210,23 @@ def train_dpo(
     consistency:str|float='avg', # 'avg' (set-level C), 'dyn' (per-prompt c_x) or a fixed rate (1.0: plain DPO)
     seed:int=42, # data order seed
     progress:bool=True, # Trainer's progress bar
+    callbacks:list|None=None, # more `TrainerCallback`s, e.g. an experiment tracker's (`cream_nb.runs.tracking`)
+    nll_alpha:float=0.0, # weight of the chosen response's length-normalised NLL added to each pair's loss (ScPO: 1)
     **train_args, # overrides of `dpo_training_args`, e.g. gradient_checkpointing=True
 )->dict: # loss_first/last, train_loss, steps, mean DPO metrics, seconds, seconds_per_step, pairs, history
     "Train `model` with the consistency-regularised DPO loss on `pairs` and save it to `output_dir`; a rerun after a kill resumes."
     ds = tokenize_pairs(pairs, tokenizer, consistency, cfg.max_length)
     if len(ds) == 0: raise ValueError("the pairs dataset is empty: there is nothing to train on")
     was_training = model.training
-    work = checkpoint_dir(output_dir, 'dpo', vars(cfg), consistency, seed, train_args, ds.to_dict(), weights_probe(model))
+    work = checkpoint_dir(output_dir, 'dpo', vars(cfg), consistency, seed, {**train_args, **({'nll_alpha': nll_alpha} if nll_alpha else {})},
+                          ds.to_dict(), weights_probe(model))
     with dropout_off(model):
         args = dpo_training_args(cfg, work, seed, disable_tqdm=not progress, **train_args)
-        trainer = CreamDPOTrainer(model=model, args=args, train_dataset=ds, data_collator=CreamDPOCollator(tokenizer.pad_token_id), beta=cfg.beta)
+        trainer = CreamDPOTrainer(model=model, args=args, train_dataset=ds, data_collator=CreamDPOCollator(tokenizer.pad_token_id), beta=cfg.beta,
+                                  nll_alpha=nll_alpha)
         trainer.cpu_bf16 = not torch.cuda.is_available() and training_precision(getattr(cfg, 'precision', 'auto'), 'dpo.precision') == 'bf16'
         if not progress: trainer.remove_callback(PrinterCallback)
+        for cb in callbacks or (): trainer.add_callback(cb)
         t0 = time.perf_counter(); train_resumable(trainer); seconds = time.perf_counter() - t0
         with _gathered_for_save(trainer, model):
             if trainer.accelerator.is_main_process:

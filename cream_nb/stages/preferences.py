@@ -48,13 +48,14 @@ def best_worst(
     return best[0], worst[0], None
 
 # %% ../../nbs/36_stages.preferences.ipynb #fa318e55
-def _features(with_ref:bool) -> Features:
+def _features(with_ref:bool, with_weight:bool=False) -> Features:
     f = {'prompt_id': Value('string'), 'prompt': List({'role': Value('string'), 'content': Value('string')}),
          'chosen': Value('string'), 'rejected': Value('string'),
          'chosen_index': Value('int64'), 'rejected_index': Value('int64'),
          'chosen_reward': Value('float64'), 'rejected_reward': Value('float64'),
          'prompt_consistency': Value('float64'), 'set_consistency': Value('float64')}
     if with_ref: f.update(ref_chosen_logps=Value('float64'), ref_rejected_logps=Value('float64'))
+    if with_weight: f['weight'] = Value('float64')
     return Features(f)
 
 def _rate(x, what:str) -> float:
@@ -84,6 +85,8 @@ def preference_pairs(
     rates:dict|None=None, # prompt_id -> c_x; None: every pair gets 1.0 (no consistency regularisation)
     set_rate:float|None=None, # C; None: the mean of all `rates` given, or 1.0 without rates
     ref_logps:dict|None=None, # prompt_id -> N log pi_t (summed log-probs of M_t, the DPO reference); None: columns left out
+    skips:dict|None=None, # prompt_id -> why the method gives this prompt no pair (e.g. 'unanimous'): counted as `skipped_<why>`
+    weight=None, # (chosen_reward, rejected_reward) -> the pair's loss weight, kept in a `weight` column; None: no column
 ) -> tuple: # (pairs Dataset, stats dict)
     "Chosen = best and rejected = worst response by M_t's reward for each prompt, with consistency and reference log-probs."
     P = _by_id(prompts, 'id', 'prompts', ('id', 'messages'))
@@ -93,6 +96,7 @@ def preference_pairs(
     C = _rate(set_rate, 'set_rate')
     rows, stats = [], dict(prompts=len(P), pairs=0, skipped_equal_rewards=0, skipped_identical_text=0, skipped_unscored=0, missing=0)
     for pid, prec in P.items():
+        if skips and pid in skips: stats[f'skipped_{skips[pid]}'] = stats.get(f'skipped_{skips[pid]}', 0) + 1; continue
         if pid not in S or pid not in rewards: stats['missing'] += 1; continue
         resp, r = S[pid]['responses'], rewards[pid]
         if len(r) != len(resp): raise ValueError(f"prompt {pid!r}: {len(r)} rewards for {len(resp)} responses")
@@ -104,10 +108,16 @@ def preference_pairs(
                    chosen_reward=float(r[ci]), rejected_reward=float(r[ri]), set_consistency=C,
                    prompt_consistency=1.0 if rates is None else _prompt_rate(rates, pid))
         if ref_logps is not None: row['ref_chosen_logps'], row['ref_rejected_logps'] = _ref_pair(ref_logps, pid, len(resp), ci, ri)
+        if weight is not None: row['weight'] = _weight(weight(row['chosen_reward'], row['rejected_reward']), pid)
         rows.append(row)
     stats['pairs'] = len(rows)
-    f = _features(ref_logps is not None)
+    f = _features(ref_logps is not None, weight is not None)
     return Dataset.from_dict({k: [row[k] for row in rows] for k in f}, features=f), {**stats, 'set_consistency': C, **_mean_tokens(rows, S)}
+
+def _weight(w, pid) -> float:
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"prompt {pid!r}: pair weight {w!r}; a loss weight is a finite number >= 0")
+    return float(w)
 
 def _mean_tokens(rows:list, S:dict) -> dict:
     "Mean token count of the chosen and of the rejected responses (`response_token_ids`): the pairs' length bias."

@@ -60,6 +60,7 @@ def train_sft(
     output_dir, # where M1 is saved (safetensors, atomically); checkpoints go beside it until it is
     seed:int=42, # data order seed
     progress:bool=True, # Trainer's progress bar
+    callbacks:list|None=None, # more `TrainerCallback`s, e.g. an experiment tracker's (`cream_nb.runs.tracking`)
     **overrides, # fields of TRL's SFTConfig, e.g. gradient_checkpointing=True
 )->dict: # loss_first/last, train_loss, steps, mean_token_accuracy, seconds, seconds_per_step, examples, history
     "Supervised fine-tuning M0 -> M1 on the seed data, loss on the answers only; M1 saved to `output_dir`, resumable."
@@ -70,6 +71,7 @@ def train_sft(
     work = checkpoint_dir(output_dir, 'sft', vars(cfg), seed, overrides, ex, weights_probe(model))
     trainer = sft_trainer(model, tokenizer, dataset, cfg, work, seed, disable_tqdm=not progress, **overrides)
     if not progress: trainer.remove_callback(PrinterCallback)
+    for cb in callbacks or (): trainer.add_callback(cb)
     t0 = time.perf_counter(); resumed = train_resumable(trainer); seconds = time.perf_counter() - t0
     if trainer.accelerator.is_main_process:
         save_model(model, output_dir, tokenizer=tokenizer)
