@@ -328,3 +328,33 @@ def test_scpo_trains_on_vote_pairs_weighted_by_the_margin(tiny_run, tmp_path, mo
     assert votes['prompts'] == len(seen) and votes['skipped'] == skipped
     assert it['dpo']['pairs'] == len(got) >= 1 and it['dpo']['steps'] >= 1
     assert sorted(p.name for p in it_dir.glob('logps_*.jsonl')) == ['logps_m1.jsonl']   # only M_t: the DPO reference
+
+
+# ---- reward agreement on the tiny loop: what survives is what the second reward orders the same way ----------
+@pytest.mark.parametrize('case', ['dpo+previous', 'srlm+implicit'])
+def test_agreement_keeps_only_pairs_the_second_reward_orders_the_same_way(tiny_run, tmp_path, case):
+    from cream_nb.runs.run import CreamRun
+    d_full, _ = tiny_run
+    d = tmp_path/case
+    _copy_sft(d_full, d)
+    method, mode = case.split('+')
+    extra = ['reward.judge_scoring="expected"'] if method == 'srlm' else []
+    cfg = apply_overrides(preset('tiny'), ['loop.iterations=1', f'loop.method="{method}"', f'reward.agreement="{mode}"'] + extra)
+    s = CreamRun(cfg, d, progress=False).run()
+    it, it_dir = s['iterations'][0], d/'iter1'
+    rep, stats = read_json(it_dir/'agreement.json'), it['pairs']
+    assert rep['mode'] == mode and rep['pairs_before'] == rep['kept'] + rep['disagreement'] + rep['no_second_reward'] >= 1
+    assert stats['pairs'] == rep['kept'] and stats.get('skipped_disagreement', 0) == rep['disagreement']
+    rows = {r['prompt_id']: r for r in read_jsonl(it_dir/'rewards.jsonl')}
+    if mode == 'previous': second = {p: r['previous'] for p, r in rows.items()}
+    else:   # M1's implicit reward, from the log-probs the run scored for it
+        lp = {m: {r['prompt_id']: r['logps'] for r in read_jsonl(it_dir/f'logps_{m}.jsonl')} for m in ('m1', 'm0')}
+        second = {p: [a - b for a, b in zip(lp['m1'][p], lp['m0'][p])] for p in rows}
+    pairs = load_dataset_dir(it_dir/'pairs')
+    for p, c, r in zip(pairs['prompt_id'], pairs['chosen_index'], pairs['rejected_index']):
+        assert second[p][c] > second[p][r]
+    for p, row in rows.items():   # every dropped pair is one the second reward orders otherwise
+        if row.get('skip') == 'disagreement':
+            c, r, _ = best_worst(row['current'], p)
+            assert not second[p][c] > second[p][r]
+    assert sum(row.get('skip') == 'disagreement' for row in rows.values()) == rep['disagreement']

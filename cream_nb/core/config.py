@@ -136,6 +136,7 @@ class RewardConfig:
     batch_size: int = _f(8, "sequences per forward pass when scoring")
     judge_max_new_tokens: int = _f(256, "length of an LLM-as-a-judge evaluation (SRLM baseline)")
     length_control: str = _f('off', "'off', or 'dice': implicit rewards minus alpha * response tokens, alpha balancing the mean lengths of chosen and rejected (DICE; methods cream, dpo)")
+    agreement: str = _f('off', "keep a pair only where a second reward orders it the same way (in the spirit of SCIR): 'off'; 'previous': M_{t-1}'s reward (methods with implicit rewards); 'implicit': M_t's implicit reward log pi_t - log pi_{t-1} (judge, oracle and vote methods); agreement.json counts the survivors")
     judge_scoring: str = _f('generate', "how the SRLM judge scores: 'generate' (paper, Yuan et al. 2024: write a judgement, parse "
                             "'Score: k'; unparseable is missing) or 'expected' (one forward pass up to 'Score: ', sum k p(k) over "
                             "the tokens 0..5 renormalised; always defined, for small models)")
@@ -147,6 +148,7 @@ class RewardConfig:
         _check(self.judge_max_new_tokens >= 1, 'reward', 'judge_max_new_tokens', self.judge_max_new_tokens, "an integer >= 1")
         _choice('reward', 'judge_scoring', self.judge_scoring, JUDGE_SCORINGS)
         _choice('reward', 'precision', self.precision, ('fp32', 'bf16', 'auto'))
+        _choice('reward', 'agreement', self.agreement, ('off', 'previous', 'implicit'))
 
 # %% ../../nbs/00_core.config.ipynb #1df34373
 @dataclass

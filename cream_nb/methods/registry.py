@@ -14,10 +14,10 @@ from .length import LENGTH_CONTROLS
 from ..core.config import CreamConfig, apply_overrides
 
 # %% auto #0
-__all__ = ['COMPARE_METHODS', 'DEFAULT_METHODS', 'ScoreContext', 'Method', 'register_method', 'method_names', 'get_method',
-           'current_model', 'measured_rate', 'plain_dpo_rate', 'implicit_rewards', 'judge_scores', 'oracle_scores',
-           'implicit_names', 'judge_names', 'oracle_names', 'implicit_models', 'with_length_control', 'method_for',
-           'comparison_methods', 'describe_method', 'method_config']
+__all__ = ['AGREEMENTS', 'COMPARE_METHODS', 'DEFAULT_METHODS', 'ScoreContext', 'Method', 'register_method', 'method_names',
+           'get_method', 'current_model', 'measured_rate', 'plain_dpo_rate', 'implicit_rewards', 'judge_scores',
+           'oracle_scores', 'implicit_names', 'judge_names', 'oracle_names', 'implicit_models', 'with_length_control',
+           'method_for', 'agreement_filter', 'with_agreement', 'comparison_methods', 'describe_method', 'method_config']
 
 # %% ../../nbs/41_methods.registry.ipynb #a14724d7
 @dataclass
@@ -175,14 +175,65 @@ def with_length_control(
 register_method(with_length_control(get_method('cream'), 'dice', name='cream-lc'), replace=True)
 
 def method_for(cfg) -> Method:
-    "The method a config runs: `loop.method` from the registry, with `reward.length_control` applied."
-    return with_length_control(get_method(cfg.loop.method), getattr(cfg.reward, 'length_control', 'off'))
+    "The method a config runs: `loop.method` from the registry, with `reward.length_control` and `reward.agreement` applied."
+    return with_agreement(with_length_control(get_method(cfg.loop.method), getattr(cfg.reward, 'length_control', 'off')),
+                          getattr(cfg.reward, 'agreement', 'off'))
+
+# %% ../../nbs/41_methods.registry.ipynb #4e0cd78a
+AGREEMENTS = ('off', 'previous', 'implicit')
+
+def agreement_filter(
+    rows:list, # reward rows {'prompt_id', 'current', ...[, 'skip']}
+    second:dict, # prompt_id -> N second rewards (None where missing)
+) -> tuple: # (rows with 'skip' set where the second reward disagrees, report)
+    "Mark every prompt whose best-vs-worst pair by 'current' the `second` reward does not order the same way (strictly)."
+    from cream_nb.stages.preferences import best_worst   # datasets: imported when scoring, the registry stays light
+    out, n = [], {'pairs_before': 0, 'kept': 0, 'disagreement': 0, 'no_second_reward': 0}
+    for r in rows:
+        ci, ri, why = (None, None, 'skip') if r.get('skip') or r.get('current') is None else best_worst(r['current'], r['prompt_id'])
+        if why: out.append(r); continue
+        n['pairs_before'] += 1
+        s = second.get(r['prompt_id'])
+        skip = 'no_second_reward' if s is None or s[ci] is None or s[ri] is None else None if s[ci] > s[ri] else 'disagreement'
+        n[skip or 'kept'] += 1
+        out.append({**r, 'skip': skip} if skip else r)
+    return out, {**n, 'kept_share': n['kept'] / n['pairs_before'] if n['pairs_before'] else None}
+
+def with_agreement(
+    method:Method, # a registered method
+    mode:str='previous', # a value of AGREEMENTS ('off' returns `method` itself)
+) -> Method:
+    "`method` whose pairs are kept only where a second reward agrees (`agreement_filter`)."
+    if mode not in AGREEMENTS: raise ConfigError(f"reward.agreement = {mode!r} is invalid: allowed one of {', '.join(map(repr, AGREEMENTS))}")
+    if mode == 'off': return method
+    ok = lambda imp: ', '.join(m.name for m in _REGISTRY.values() if m.implicit == imp)
+    if mode == 'previous' and not method.implicit:
+        raise ConfigError(f"reward.agreement = 'previous' compares M_t's reward with M_{{t-1}}'s, which method {method.name!r} does not compute: "
+                          f"use 'implicit' (M_t's implicit reward) with it, or 'previous' with {ok(True)}")
+    if mode == 'implicit' and method.implicit:
+        raise ConfigError(f"reward.agreement = 'implicit' would compare method {method.name!r}'s implicit reward with itself: "
+                          f"use 'previous' with it, or 'implicit' with {ok(False)}")
+    models = method.models if mode == 'previous' else lambda t: method.models(t) + [m for m in (f'm{t}', f'm{t-1}') if m not in method.models(t)]
+    def rewards(ctx:ScoreContext) -> list:
+        rows = method.rewards(ctx)
+        if mode == 'previous': second = {r['prompt_id']: r.get('previous') for r in rows}
+        else:
+            cur, prev = ctx.logps[f'm{ctx.t}'], ctx.logps[f'm{ctx.t-1}']
+            second = {p: [a - b for a, b in zip(v['logps'], prev[p]['logps'])] for p, v in cur.items() if p in prev}
+        rows, rep = agreement_filter(rows, second)
+        ctx.artifacts['agreement.json'] = {'mode': mode, **rep}
+        return rows
+    second = "M_{t-1}'s reward" if mode == 'previous' else "M_t's implicit reward"
+    return dataclasses.replace(method, models=models, rewards=rewards, artifacts=method.artifacts + ('agreement.json',),
+                               description=f"{method.description}; pairs kept where {second} agrees")
+
 
 # %% ../../nbs/41_methods.registry.ipynb #572b50bd
 COMPARE_METHODS = {   # comparison name -> (registered method, or None for SFT only; config overrides)
     'm1': (None, []), 'srlm': ('srlm', []), 'dpo': ('dpo', []), 'oracle': ('oracle', []),
-    'cream-avg': ('cream', ['consistency.mode="avg"']), 'cream-dyn': ('cream', ['consistency.mode="dyn"'])}
-DEFAULT_METHODS = tuple(COMPARE_METHODS)
+    'cream-avg': ('cream', ['consistency.mode="avg"']), 'cream-dyn': ('cream', ['consistency.mode="dyn"']),
+    'dpo-agree': ('dpo', ['reward.agreement="previous"'])}   # iterative DPO keeping the pairs M_{t-1}'s reward orders the same way
+DEFAULT_METHODS = ('m1', 'srlm', 'dpo', 'oracle', 'cream-avg', 'cream-dyn')   # the paper's comparison (`make run`)
 
 def comparison_methods() -> dict:
     "Every name `compare` takes -> (registered method or None, overrides): the table above, then any other registered method."

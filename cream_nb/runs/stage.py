@@ -119,7 +119,7 @@ NEUTRAL_DEFAULTS = {'reward.length_control': 'off',   # 'section.field' -> the v
                     'eval.protocol': 'generate', 'consistency.paper_code': False, 'data.prompts_file': None, 'data.seed_file': None,
                     'sampling.engine': 'auto', 'sampling.engine_dtype': 'auto', 'sampling.tensor_parallel_size': 1,
                     'reward.judge_scoring': 'generate', 'eval.loglik_scorer': 'shared', 'eval.precision': 'auto',
-                    'reward.precision': 'auto', 'sft.precision': 'auto', 'dpo.precision': 'auto'}
+                    'reward.precision': 'auto', 'sft.precision': 'auto', 'dpo.precision': 'auto', 'reward.agreement': 'off'}
 UNFINGERPRINTED = {'sft.save_steps', 'dpo.save_steps', 'loop.report_to'}   # how often a stage checkpoints, or where it reports, changes nothing it makes
 
 def _section(cfg:CreamConfig, *names) -> dict:
