@@ -291,3 +291,21 @@ def test_statistics_from_the_committed_comparison():
     main, against = C.consistency_text(tab).split('\n\n')                # the note stays with the table it explains
     assert main.endswith('M_t is M_{t-1} unchanged, trained on no pairs') and against.startswith('Consistency against cream-avg')
     assert len(figures_.consistency_distribution_figure(tab).data) == 0 and len(figures_.compare_figures(tab)) == 3
+
+
+def test_cut_responses_are_counted_per_iteration_and_shown(tmp_path):
+    "A response is cut when it reached sampling.max_new_tokens with no end token (the stored ids exclude the end token)."
+    from cream_nb.runs.summary import cut_responses
+    from cream_nb.core.config import preset, save_config
+    save_config(preset('tiny'), tmp_path/'config.json')
+    mx = preset('tiny').sampling.max_new_tokens
+    write_jsonl([{'prompt_id': 'a', 'responses': ['x'] * 4, 'response_token_ids': [[1] * mx, [1] * (mx - 1), [1] * 3, [1] * mx]},
+                 {'prompt_id': 'b', 'responses': ['x'] * 4, 'response_token_ids': [[1] * 2] * 4}], tmp_path/'iter1'/'samples.jsonl')
+    assert cut_responses(tmp_path/'iter1'/'samples.jsonl', mx) == {'responses': 8, 'cut': 2, 'share': 0.25, 'max_new_tokens': mx}
+    assert cut_responses(tmp_path/'iter2'/'samples.jsonl', mx) is None
+    rows = [dict(prompt_id=p, current=[1., 2., 3., 4.], previous=[4., 3., 2., 1.]) for p in 'ab']
+    write_jsonl(rows, tmp_path/'iter1'/'rewards.jsonl'); write_json({'pairs': 2}, tmp_path/'iter1'/'pairs_stats.json')
+    tab = C.consistency_table(tmp_path)
+    assert tab[1]['cut']['share'] == 0.25
+    row = next(l for l in C.consistency_text({'consistency': {'dpo': tab}, 'reward_accuracy': {}, 'movement': {}}).splitlines() if l.startswith('dpo '))
+    assert row.split()[:4] == ['dpo', '1', '2', '25%']

@@ -260,7 +260,7 @@ def test_committed_comparison_results_load():
     assert ROOT/'data'/'compare'/'cpu-demo.json' in files, "no committed cpu-demo comparison: run `make run` and tools/publish_compare.py"
     for f in files:
         r = json.loads(f.read_text())
-        assert f.stem == r['preset'], f"{f.name} holds a {r['preset']!r} comparison: name the file after its preset"
+        assert f.stem == r['preset'] or f.stem.startswith(r['preset'] + '-'), f"{f.name} holds a {r['preset']!r} comparison: name the file after its preset"
         assert re.fullmatch(r'[0-9a-f]{40}', r['commit']) and r['command'] and r['wall_seconds'] > 0
         tab = r['tables']
         assert tab['methods'] and 'm1' in tab['accuracy'][tab['methods'][0]], f.name
@@ -268,7 +268,7 @@ def test_committed_comparison_results_load():
             for k, cells in models.items():
                 for t, c in cells.items(): assert c['low'] - 1e-12 <= c['accuracy'] <= c['high'] + 1e-12 or t == 'average', (f.name, m, k, t)
         text = compare_text(tab)
-        assert 'Accuracy, %' in text and 'Paired tests' in text and 'kendall' in text
+        assert 'Accuracy, ' in text and 'Paired tests' in text and 'kendall' in text
         assert f.stat().st_size < 200_000, f"{f.name} is {f.stat().st_size} bytes: keep committed results small"
 
 @pytest.mark.slow
@@ -279,3 +279,15 @@ def test_comparison_page_renders(site):
     for h in ('Table 1: accuracy per task, with 95% intervals', 'Paired tests', 'Where the time went'):
         assert h in text, h
     assert 'Accuracy, % [95% Wilson interval]' in text and 'McNemar' in text
+
+
+@pytest.mark.slow
+def test_methods_page_renders(site):
+    "The page of every registered method: a section per method, the committed comparison's tables and one prompt's pairs."
+    page = site/'tutorials'/'methods.html'
+    text = text_of(page)
+    for h in ('The methods', 'One prompt, every method', 'Reading it', 'ScPO', 'Paired tests', 'kendall'):
+        assert h in text, h
+    r = json.loads((ROOT/'data'/'compare'/'cpu-demo-methods.json').read_text())
+    for m, v in r['example']['methods'].items():
+        assert m in text and (v['pair'] is None or v['pair']['chosen'].split('\n')[0][:40] in text), m

@@ -11,7 +11,7 @@ from ..core.artifacts import read_json, read_jsonl, write_json, load_dataset_dir
 from ..methods.registry import COMPARE_METHODS
 from ..stages.consistency import consistency_rates
 from ..stages.evaluate import metrics_intervals
-from ..runs.summary import run_summary, STAGES
+from ..runs.summary import run_summary, STAGES, cut_responses
 from ..core.config import preset, save_config
 from ..core.artifacts import write_jsonl
 
@@ -120,6 +120,8 @@ def consistency_table(run_dir) -> dict:
                   for m in ('kendall', 'spearman', 'toporder')}
         stats = read_json(d/'pairs_stats.json') if (d/'pairs_stats.json').exists() else {}
         out[t].update(prompts=len(rows), unranked=len(rows) - len(ranked), pairs=stats.get('pairs'))
+        if (run_dir/'config.json').exists():   # responses cut at the token limit before they ended: their rewards score unfinished answers
+            out[t]['cut'] = cut_responses(d/'samples.jsonl', read_json(run_dir/'config.json')['sampling']['max_new_tokens'])
         t += 1
     return out
 
@@ -304,7 +306,8 @@ def consistency_text(tab:dict) -> str:
     for m, its in tab['consistency'].items():
         for t, c in its.items():
             ra, mv = _it(tab['reward_accuracy'].get(m), t) or {}, _it(tab['movement'].get(m), t) or {}
-            rows.append([m, t, (c.get('kendall') or {}).get('n', '-'), _ci(c['kendall']), _ci(c['spearman']), _ci(c['toporder']), num(ra.get('accuracy')),
+            cut = (c.get('cut') or {}).get('share')
+            rows.append([m, t, (c.get('kendall') or {}).get('n', '-'), '-' if cut is None else f"{100*cut:.0f}%", _ci(c['kendall']), _ci(c['spearman']), _ci(c['toporder']), num(ra.get('accuracy')),
                          '-' if c.get('pairs') is None else c['pairs'], num(mv.get('mean_abs_logp_change')), num(mv.get('margin_after'))])
             s = _it(st.get(m), t)
             if s: vs.append([m, t] + [(lambda d: '-' if not d else f"{d['difference']:+.3f} {_pv(d['p_value'])} mdd {num(d['mdd'], 2)}")(s.get(k))
@@ -313,8 +316,8 @@ def consistency_text(tab:dict) -> str:
                 notes.append(f"{m} iteration {t}: {c['unranked']} of {c['prompts']} prompts left out, their M_t or M_{{t-1}} rewards all "
                              f"equal (no ranking){' -- M_t is M_{t-1} unchanged, trained on no pairs' if c['unranked'] == c['prompts'] else ''}")
     return ("Consistency (M_t vs M_{t-1} implicit rewards) over the prompts both rank: mean [95% bootstrap interval], self-reward\n"
-            "accuracy vs gold, pairs, movement |Δlog π| and margin after DPO\n"
-            + _grid(['method', 'iter', 'ranked', 'kendall', 'spearman', 'top-order', 'rew.acc', 'pairs', '|Δlogπ|', 'margin'], rows)
+            "accuracy vs gold, pairs, movement |Δlog π| and margin after DPO; cut: responses that hit sampling.max_new_tokens before ending\n"
+            + _grid(['method', 'iter', 'ranked', 'cut', 'kendall', 'spearman', 'top-order', 'rew.acc', 'pairs', '|Δlogπ|', 'margin'], rows)
             + ''.join(f"\n  {n}" for n in notes)    # the notes stay with the table they explain (the docs split the text at blank lines)
             + (f"\n\nConsistency against {ref} (same iteration, unpaired): difference of means, permutation p, and the smallest difference\n"
                "detectable with 80% power (two-sample t, pooled SD)\n" + _grid(['method', 'iter', 'kendall', 'spearman', 'top-order'], vs) if vs else ''))

@@ -6,10 +6,10 @@
 from __future__ import annotations
 import statistics
 from pathlib import Path
-from ..core.artifacts import read_json, load_dataset_dir, ArtifactError
+from ..core.artifacts import read_json, read_jsonl, load_dataset_dir, ArtifactError
 
 # %% auto #0
-__all__ = ['STAGES', 'run_summary']
+__all__ = ['STAGES', 'cut_responses', 'run_summary']
 
 # %% ../../nbs/51_runs.summary.ipynb #e66d3666
 STAGES = ('sample', 'score', 'consistency', 'pairs', 'train', 'evaluate')
@@ -38,6 +38,13 @@ def _judge(path:Path):
     out = {k: js[k] for k in _JUDGE_KEYS if k in js}
     return {**out, 'scoring': js.get('scoring', 'generate'), 'parse_rate': js['parsed'] / js['n'] if js.get('n') else None}
 
+def cut_responses(samples_path:Path, max_new_tokens:int) -> dict|None:
+    "How many responses of `samples.jsonl` reached `max_new_tokens` without an end token: cut before they ended."
+    if not Path(samples_path).exists(): return None
+    lens = [len(x) for s in read_jsonl(samples_path) for x in (s.get('response_token_ids') or [])]   # stop tokens excluded
+    cut = sum(n >= max_new_tokens for n in lens)
+    return {'responses': len(lens), 'cut': cut, 'share': cut / len(lens) if lens else None, 'max_new_tokens': max_new_tokens}
+
 def run_summary(run_dir) -> dict:
     "Everything a run has produced so far, per iteration: accuracy, consistency, pairs, reward margins, timings."
     run_dir = Path(run_dir)
@@ -60,6 +67,7 @@ def run_summary(run_dir) -> dict:
             'reward_accuracy': (_maybe(read_json, d/'reward_accuracy.json') or {}).get('current'),
             'reward_accuracy_previous': (_maybe(read_json, d/'reward_accuracy.json') or {}).get('previous'),
             'dpo': _maybe(read_json, d/'dpo_metrics.json'),
+            'responses_cut': cut_responses(d/'samples.jsonl', cfg['sampling']['max_new_tokens']),
             'timings': {s: _seconds(d/f'_stage_{s}.json') for s in STAGES},
             'done': [s for s in STAGES if (d/f'_stage_{s}.json').exists()],
             **({'judge': _judge(d/'judge_stats.json')} if (d/'judge_stats.json').exists() else {})})
