@@ -358,3 +358,17 @@ def test_agreement_keeps_only_pairs_the_second_reward_orders_the_same_way(tiny_r
             c, r, _ = best_worst(row['current'], p)
             assert not second[p][c] > second[p][r]
     assert sum(row.get('skip') == 'disagreement' for row in rows.values()) == rep['disagreement']
+
+
+def test_run_machinery_compare_cli_and_inspectors_never_name_the_new_methods():
+    "The methods added after the registry (ScPO, the agreement option) live in cream_nb.methods only: nothing else names them."
+    import ast, re
+    from pathlib import Path
+    pkg = Path(M.__file__).parents[1]
+    for f in [*sorted((pkg/'runs').glob('*.py')), *sorted((pkg/'reporting').glob('*.py')), *sorted((pkg/'stages').glob('*.py')), pkg/'cli.py']:
+        tree = ast.parse(f.read_text())
+        docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}   # docstrings may cite
+        words = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+        words += [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)] + [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)]
+        hits = [w for w in words if re.search(r"\bscpo\b|ScPO|vote_rewards|vote_margin|dpo-agree|with_agreement|agreement_filter", w)]
+        assert not hits, f"{f.relative_to(pkg.parent)} names a method of its own: {hits}"
