@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 def env():
     return {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false'}
 
-def cream(run_dir) -> subprocess.Popen:
-    return subprocess.Popen(CREAM + ARGS + ['--run-dir', str(run_dir)], cwd=ROOT, env=env(), start_new_session=True,
+def cream(run_dir, extra=()) -> subprocess.Popen:
+    return subprocess.Popen(CREAM + ARGS + list(extra) + ['--run-dir', str(run_dir)], cwd=ROOT, env=env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 def events(run_dir) -> list:
@@ -59,9 +59,9 @@ CHAINS = {
              ('iter2/evaluate', lines_in('iter2/.eval.partial-*'))],
 }
 
-def kill_at(run_dir, stage, point, timeout=600) -> str:
+def kill_at(run_dir, stage, point, timeout=600, extra=()) -> str:
     "Run `cream run` until `point` holds, SIGKILL its process group; returns the process's stderr."
-    p = cream(run_dir)
+    p = cream(run_dir, extra)
     t0 = time.time()
     while not point(run_dir, p.pid):
         if p.poll() is not None:
@@ -72,8 +72,8 @@ def kill_at(run_dir, stage, point, timeout=600) -> str:
     p.wait()
     return p.stderr.read()
 
-def finish(run_dir) -> str:
-    p = cream(run_dir)
+def finish(run_dir, extra=()) -> str:
+    p = cream(run_dir, extra)
     out, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-3000:]
     return err
@@ -125,3 +125,21 @@ def test_killed_anywhere_resumes_to_the_same_run(chain, reference, tmp_path):
         assert step and int(step.group(2)) >= 1, after_sft[-2000:]
         step = re.search(r'resuming training from \S+checkpoint-(\d+) \(step (\d+)\)', logs['iter2/evaluate'])
         assert step and int(step.group(2)) >= 1, logs['iter2/evaluate'][-2000:]
+
+
+# a method registered after the loop was written (ScPO: its own votes.json, skip reasons and pair weights) resumes the same way
+SCPO = ['--method', 'scpo']
+SCPO_CHAIN = [('iter1/sample', started('iter1/sample')), ('iter1/score', started('iter1/score')), ('iter1/pairs', started('iter1/pairs')),
+              ('iter1/train', started('iter1/train')), ('iter2/score', started('iter2/score')), ('iter2/train', started('iter2/train'))]
+
+def test_a_killed_scpo_run_resumes_to_the_same_run(tmp_path):
+    ref, d = tmp_path/'reference', tmp_path/'killed'
+    finish(ref, SCPO)
+    for stage, point in SCPO_CHAIN: kill_at(d, stage, point, extra=SCPO)
+    finish(d, SCPO)
+    assert json.loads((d/'config.json').read_text())['loop']['method'] == 'scpo'
+    assert (d/'iter1'/'votes.json').exists() and (d/'iter2'/'votes.json').exists()
+    assert not [p for p in d.rglob('*') if '.checkpoints-' in p.name or '.tmp-' in p.name]
+    assert_same_run(d, ref)
+    done = [e['stage'] for e in events(d) if e['event'] == 'done']
+    assert len(done) == len(set(done)), done

@@ -225,14 +225,15 @@ def train(self:Iteration) -> dict:
             js = read_json(self.dir/'judge_stats.json') if (self.dir/'judge_stats.json').exists() else {}
             if js.get('n') and not js.get('parsed'):   # a generating judge wrote no score: more prompts would not help
                 why = (f"iteration {self.t} has no preference pairs because the judge wrote no parsable score in any of its {js['n']} "
-                       f"judgements (see {self.dir/'judge_stats.json'}), so {self.m_next} is a copy of {self.m_t}; "
+                       f"judgements (see {{where}}/judge_stats.json), so {self.m_next} is a copy of {self.m_t}; "
                        "reward.judge_scoring='expected' reads the score from the judge's next-token probabilities instead")
             else:
                 ps = read_json(self.dir/'pairs_stats.json')
                 skipped = ', '.join(f"{v} {k[8:].replace('_', ' ')}" for k, v in ps.items() if k.startswith('skipped_') and v)
-                why = (f"iteration {self.t} has no preference pairs ({ps['prompts']} prompts: {skipped or 'none scored'}; see {self.dir/'pairs_stats.json'}), so {self.m_next} "
+                why = (f"iteration {self.t} has no preference pairs ({ps['prompts']} prompts: {skipped or 'none scored'}; see {{where}}/pairs_stats.json), so {self.m_next} "
                        f"is a copy of {self.m_t}; more prompts (data.prompts_per_iteration) or responses (sampling.n_responses) help")
-            log.warning(why)
+            log.warning(why.format(where=self.dir))   # the run's files keep the path relative to the run: a moved or copied run stays equal
+            why = why.format(where=f'iter{self.t}')
             save_model(model, out, name=self.m_next if self.run.lora else None, tokenizer=self.run.tokenizer)
             metrics = {'steps': 0, 'pairs': 0, 'skipped': why}
         else:
