@@ -197,8 +197,9 @@ def pairs(self:Iteration):
     "Preference pairs: the best and the worst response of each prompt by M_t's reward."
     def make():
         prompts, samples, cons = self.prompts(), self.samples(), self.consistency_result()
-        cur = {r['prompt_id']: r['current'] for r in self.rewards() if r['current'] is not None}
-        skips = {r['prompt_id']: r['skip'] for r in self.rewards() if r.get('skip')}   # a method's reason for giving a prompt no pair
+        rewards = self.rewards()
+        cur = {r['prompt_id']: r['current'] for r in rewards if r['current'] is not None}
+        skips = {r['prompt_id']: r['skip'] for r in rewards if r.get('skip')}   # a method's reason for giving a prompt no pair
         ref = {r['prompt_id']: r['logps'] for r in self.logps(self.m_t)}
         C, rates = cons['set'], cons['per_prompt'] or None
         paired = [p for p in (rates or {}) if p in cur and None not in cur[p] and max(cur[p]) != min(cur[p])]

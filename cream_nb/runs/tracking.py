@@ -23,7 +23,7 @@ def iteration_metrics(
     t:int, # 0: M1 (after SFT); t >= 1: iteration t, which made M_{t+1}
 ) -> dict: # tag -> number; a figure the run does not have yet is left out
     "Scalars of iteration `t` for a tracker: accuracy per task with its interval, consistency, reward accuracy, pairs, margin, stage seconds."
-    if t == 0: ev, it, times = summary.get('m1_eval'), {}, {k: v for k, v in (summary.get('timings') or {}).items()}
+    if t == 0: ev, it, times = summary.get('m1_eval'), {}, summary.get('timings') or {}
     else:
         its = [i for i in summary.get('iterations', []) if i['iteration'] == t]
         if not its: raise ValueError(f"the summary has no iteration {t} (it has {[i['iteration'] for i in summary.get('iterations', [])]})")
@@ -83,7 +83,8 @@ class _MLflow:
         self.c = MlflowClient(tracking_uri=uri)
         exp = self.c.get_experiment_by_name(group)
         self.run_id = self.c.create_run(exp.experiment_id if exp else self.c.create_experiment(group), run_name=name).info.run_id
-        for k, v in config.items(): self.c.log_param(self.run_id, k, v)
+        from mlflow.entities import Param
+        self.c.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in config.items()])   # one write, not one per field
     def log(self, metrics, step):
         from mlflow.entities import Metric
         import time
