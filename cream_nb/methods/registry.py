@@ -49,6 +49,7 @@ class Method:
     artifacts: tuple = () # JSON files its reward function adds to `ScoreContext.artifacts`
     pair_weight: Callable|None = None # (chosen_reward, rejected_reward) -> the pair's loss weight (ScPO's vote margin); None: 1
     nll_alpha: float = 0.0 # weight of the chosen response's per-token NLL added to the DPO loss (ScPO: 1)
+    extra_pairs: str|None = None # one of `artifacts` holding the method's own pairs {'replace', 'pairs', 'report'} (`stages.preferences.check_extra_pairs`); None: best vs worst only
     def __repr__(self): return f"Method({self.name!r}: {self.description})"
 
 # %% ../../nbs/41_methods.registry.ipynb #156fa3da

@@ -289,7 +289,7 @@ def pair_choices(
     run_dir, # a comparison directory
     t:int, # iteration
     prompt_id:str, # a prompt of iteration t
-)->list: # one dict per method: method, responses, rewards, ranks, chosen, rejected, c_x, C_train
+)->list: # one dict per method: method, responses, rewards, ranks, chosen, rejected, outside, c_x, C_train
     "Why each method chose its pair for one prompt: its rewards and ranks side by side."
     out = []
     for m, d in compare_dirs(run_dir).items():
@@ -303,6 +303,7 @@ def pair_choices(
         p = next((x for x in (pairs or []) if x['prompt_id'] == prompt_id), None)
         out.append({'method': m, 'responses': s['responses'], 'rewards': r['current'], 'ranks': reward_ranks(r['current'], len(s['responses'])),
                     'chosen': p['chosen_index'] if p else None, 'rejected': p['rejected_index'] if p else None,
+                    'outside': {side: (p[side], p[f'{side}_reward']) for side in ('chosen', 'rejected') if p and p[f'{side}_index'] is None},
                     'c_x': (cons.get('per_prompt') or {}).get(prompt_id), 'C_train': cons.get('training')})
     return out
 
@@ -322,5 +323,7 @@ def pair_choices_html(rows:list) -> str:
         body = ''.join(f"<tr><td>{'+' if i == r['chosen'] else '-' if i == r['rejected'] else ''}</td><td>{i}</td>"
                        f"<td>{num(w) if w is not None else '-'}</td><td>{k}</td><td>{html.escape(x[:300])}</td></tr>"
                        for i, (x, w, k) in enumerate(zip(r['responses'], r['rewards'] or [None] * len(r['responses']), r['ranks'])))
+        body += ''.join(f"<tr><td>{'+' if side == 'chosen' else '-'}</td><td>other</td><td>{num(w)}</td><td>-</td>"   # a pair member that is not one of these samples (an anchor's response)
+                        f"<td>{html.escape(x[:300])}</td></tr>" for side, (x, w) in r.get('outside', {}).items())
         parts.append(f"<p>{head}</p><table><tr><th>pair</th><th>#</th><th>reward</th><th>rank</th><th>response</th></tr>{body}</table>")
     return '\n'.join(parts) or '<p>no method has rewards for this prompt yet</p>'

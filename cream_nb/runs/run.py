@@ -204,8 +204,9 @@ def pairs(self:Iteration):
         C, rates = cons['set'], cons['per_prompt'] or None
         paired = [p for p in (rates or {}) if p in cur and None not in cur[p] and max(cur[p]) != min(cur[p])]
         if self.cfg.consistency.paper_code and paired: C = set_consistency(rates, among=paired)   # the paper's 'avg': prompts with a pair
+        own = read_json(self.dir/self.method.extra_pairs) if self.method.extra_pairs else {}   # the method's own pairs (Meta-Rewarding's judge pairs, ...)
         ds, stats = preference_pairs(prompts, samples, cur, rates=rates, set_rate=C, ref_logps=ref, skips=skips or None,
-                                     weight=self.method.pair_weight)
+                                     weight=self.method.pair_weight, extra=own.get('pairs') if own else None, replace=bool(own.get('replace')))
         save_dataset(ds, self.dir/'pairs'); write_json(stats, self.dir/'pairs_stats.json')
         return ds
     return self._stage('pairs', fingerprint('pairs', self.fp('consistency')), {}, [self.dir/'pairs', self.dir/'pairs_stats.json'],

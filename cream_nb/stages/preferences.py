@@ -11,7 +11,7 @@ from datasets import Dataset, Features, List, Value
 from .consistency import set_consistency
 
 # %% auto #0
-__all__ = ['best_worst', 'preference_pairs']
+__all__ = ['EXTRA_FIELDS', 'best_worst', 'check_extra_pairs', 'preference_pairs']
 
 # %% ../../nbs/36_stages.preferences.ipynb #d0cad508
 def _by_id(records, key:str, what:str, fields:tuple) -> dict:
@@ -48,7 +48,7 @@ def best_worst(
     return best[0], worst[0], None
 
 # %% ../../nbs/36_stages.preferences.ipynb #fa318e55
-def _features(with_ref:bool, with_weight:bool=False) -> Features:
+def _features(with_ref:bool, with_weight:bool=False, with_kind:bool=False) -> Features:
     f = {'prompt_id': Value('string'), 'prompt': List({'role': Value('string'), 'content': Value('string')}),
          'chosen': Value('string'), 'rejected': Value('string'),
          'chosen_index': Value('int64'), 'rejected_index': Value('int64'),
@@ -56,6 +56,7 @@ def _features(with_ref:bool, with_weight:bool=False) -> Features:
          'prompt_consistency': Value('float64'), 'set_consistency': Value('float64')}
     if with_ref: f.update(ref_chosen_logps=Value('float64'), ref_rejected_logps=Value('float64'))
     if with_weight: f['weight'] = Value('float64')
+    if with_kind: f['kind'] = Value('string')
     return Features(f)
 
 def _rate(x, what:str) -> float:
@@ -77,6 +78,39 @@ def _ref_pair(ref_logps:dict, pid, n:int, ci:int, ri:int) -> tuple:
             raise ValueError(f"prompt {pid!r}: reference log-prob of response {i} is {lp[i]!r}, expected a finite number")
     return float(lp[ci]), float(lp[ri])
 
+# %% ../../nbs/36_stages.preferences.ipynb #44f0736b
+EXTRA_FIELDS = ('prompt_id', 'prompt', 'chosen', 'rejected', 'chosen_index', 'rejected_index', 'chosen_reward', 'rejected_reward', 'kind')
+
+def _real(x) -> bool: return not isinstance(x, bool) and isinstance(x, numbers.Real) and math.isfinite(x)
+
+def check_extra_pairs(
+    rows:list, # a method's own pairs: dicts with EXTRA_FIELDS (+ ref_chosen_logps, ref_rejected_logps when `with_ref`)
+    with_ref:bool=True, # the pairs carry M_t's summed log-probs of chosen and rejected (the DPO reference)
+    taken:set=frozenset(), # prompt ids the best-vs-worst pairs already use
+) -> list: # the rows, with only the dataset's fields, numbers as floats
+    "A method's own pairs, checked: every field there, texts that differ, finite rewards and log-probs, indices int or None, ids unique."
+    fields, out, seen = EXTRA_FIELDS + (('ref_chosen_logps', 'ref_rejected_logps') if with_ref else ()), [], set(taken)
+    for i, r in enumerate(rows):
+        where = f"extra pair {i} (prompt {r.get('prompt_id')!r})" if isinstance(r, dict) else f"extra pair {i}"
+        if not isinstance(r, dict): raise ValueError(f"{where} is a {type(r).__name__}, expected a dict with fields {list(fields)}")
+        if (miss := [f for f in fields if f not in r]): raise ValueError(f"{where}: missing field(s) {miss} (expected fields {list(fields)})")
+        if r['prompt_id'] in seen: raise ValueError(f"{where}: prompt_id {r['prompt_id']!r} is used by another pair; give each pair its own id")
+        seen.add(r['prompt_id'])
+        if not (isinstance(r['prompt'], list) and r['prompt'] and all(isinstance(m, dict) and {'role', 'content'} <= set(m) for m in r['prompt'])):
+            raise ValueError(f"{where}: 'prompt' must be a non-empty list of {{'role', 'content'}} messages")
+        if not (isinstance(r['chosen'], str) and isinstance(r['rejected'], str)) or r['chosen'] == r['rejected']:
+            raise ValueError(f"{where}: 'chosen' and 'rejected' must be two different strings")
+        for f in fields[6:8] + fields[9:]:
+            if not _real(r[f]): raise ValueError(f"{where}: {f} is {r[f]!r}, expected a finite number")
+        for f in ('chosen_index', 'rejected_index'):
+            if r[f] is not None and (isinstance(r[f], bool) or not isinstance(r[f], int) or r[f] < 0):
+                raise ValueError(f"{where}: {f} is {r[f]!r}, expected a response index >= 0 or None (not one of the samples)")
+        if not isinstance(r['kind'], str) or not r['kind']: raise ValueError(f"{where}: 'kind' must name the kind of pair, got {r['kind']!r}")
+        out.append({f: float(r[f]) if f in fields[6:8] + fields[9:] else r[f] for f in fields}
+                   | {'prompt': [{'role': m['role'], 'content': m['content']} for m in r['prompt']]})
+    return out
+
+
 # %% ../../nbs/36_stages.preferences.ipynb #a5960855
 def preference_pairs(
     prompts, # Dataset or list of prompt records (`id`, `messages`, ...)
@@ -87,6 +121,8 @@ def preference_pairs(
     ref_logps:dict|None=None, # prompt_id -> N log pi_t (summed log-probs of M_t, the DPO reference); None: columns left out
     skips:dict|None=None, # prompt_id -> why the method gives this prompt no pair (e.g. 'unanimous'): counted as `skipped_<why>`
     weight=None, # (chosen_reward, rejected_reward) -> the pair's loss weight, kept in a `weight` column; None: no column
+    extra:list|None=None, # a method's own pairs (`check_extra_pairs` rows), after the best-vs-worst ones; a `kind` column tells them apart
+    replace:bool=False, # True: `extra` are the only pairs (the method picked them itself); `skips` are still counted
 ) -> tuple: # (pairs Dataset, stats dict)
     "Chosen = best and rejected = worst response by M_t's reward for each prompt, with consistency and reference log-probs."
     P = _by_id(prompts, 'id', 'prompts', ('id', 'messages'))
@@ -97,6 +133,7 @@ def preference_pairs(
     rows, stats = [], dict(prompts=len(P), pairs=0, skipped_equal_rewards=0, skipped_identical_text=0, skipped_unscored=0, missing=0)
     for pid, prec in P.items():
         if skips and pid in skips: stats[f'skipped_{skips[pid]}'] = stats.get(f'skipped_{skips[pid]}', 0) + 1; continue
+        if replace: continue
         if pid not in S or pid not in rewards: stats['missing'] += 1; continue
         resp, r = S[pid]['responses'], rewards[pid]
         if len(r) != len(resp): raise ValueError(f"prompt {pid!r}: {len(r)} rewards for {len(resp)} responses")
@@ -109,9 +146,16 @@ def preference_pairs(
                    prompt_consistency=1.0 if rates is None else _prompt_rate(rates, pid))
         if ref_logps is not None: row['ref_chosen_logps'], row['ref_rejected_logps'] = _ref_pair(ref_logps, pid, len(resp), ci, ri)
         if weight is not None: row['weight'] = _weight(weight(row['chosen_reward'], row['rejected_reward']), pid)
-        rows.append(row)
+        rows.append(row | ({'kind': 'best_worst'} if extra is not None else {}))
+    if extra is not None:
+        extra = check_extra_pairs(extra, with_ref=ref_logps is not None, taken={r['prompt_id'] for r in rows})
+        for row in extra:
+            row = {**row, 'set_consistency': C, 'prompt_consistency': _prompt_rate(rates, row['prompt_id']) if rates and row['prompt_id'] in rates else 1.0}
+            if weight is not None: row['weight'] = _weight(weight(row['chosen_reward'], row['rejected_reward']), row['prompt_id'])
+            rows.append(row)
+        stats['extra_pairs'] = {k: sum(r['kind'] == k for r in extra) for k in dict.fromkeys(r['kind'] for r in extra)}
     stats['pairs'] = len(rows)
-    f = _features(ref_logps is not None, weight is not None)
+    f = _features(ref_logps is not None, weight is not None, extra is not None)
     return Dataset.from_dict({k: [row[k] for row in rows] for k in f}, features=f), {**stats, 'set_consistency': C, **_mean_tokens(rows, S)}
 
 def _weight(w, pid) -> float:
@@ -120,7 +164,8 @@ def _weight(w, pid) -> float:
     return float(w)
 
 def _mean_tokens(rows:list, S:dict) -> dict:
-    "Mean token count of the chosen and of the rejected responses (`response_token_ids`): the pairs' length bias."
+    "Mean token count of the chosen and of the rejected responses (`response_token_ids`): the pairs' length bias; over pairs of two sampled responses."
+    rows = [r for r in rows if r['prompt_id'] in S and r['chosen_index'] is not None and r['rejected_index'] is not None]
     ids = [S[r['prompt_id']].get('response_token_ids') for r in rows]
     if not rows or any(x is None for x in ids): return dict(mean_chosen_tokens=None, mean_rejected_tokens=None)
     return {f'mean_{side}_tokens': sum(len(x[r[f'{side}_index']]) for x, r in zip(ids, rows)) / len(rows) for side in ('chosen', 'rejected')}
