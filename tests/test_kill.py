@@ -143,3 +143,25 @@ def test_a_killed_scpo_run_resumes_to_the_same_run(tmp_path):
     assert_same_run(d, ref)
     done = [e['stage'] for e in events(d) if e['event'] == 'done']
     assert len(done) == len(set(done)), done
+
+
+# methods that pick pairs of their own (`Method.extra_pairs`): Meta-Rewarding judges, samples judgements and meta-judges inside
+# its score stage; Temporal has M1 sample the anchor responses there. Killed in those stages, they resume the same way.
+OWN_PAIRS = {'meta-rewarding': 'meta_judge.json', 'temporal': 'anchored_pairs.json'}
+OWN_CHAIN = [('iter1/score', started('iter1/score')), ('iter1/pairs', started('iter1/pairs')), ('iter2/score', started('iter2/score')),
+             ('iter2/score', exists('iter2/logps_m2.jsonl')), ('iter2/train', started('iter2/train'))]
+
+@pytest.mark.parametrize('method', list(OWN_PAIRS))
+def test_a_killed_run_of_a_method_with_its_own_pairs_resumes_to_the_same_run(method, tmp_path):
+    extra = ['--method', method, '--set', 'reward.judge_scoring="expected"']   # the tiny model writes no parsable score
+    ref, d = tmp_path/'reference', tmp_path/'killed'
+    finish(ref, extra)
+    for stage, point in OWN_CHAIN: kill_at(d, stage, point, extra=extra)
+    finish(d, extra)
+    own = [json.loads((d/f'iter{t}'/OWN_PAIRS[method]).read_text()) for t in (1, 2)]
+    stats = [json.loads((d/f'iter{t}'/'pairs_stats.json').read_text()) for t in (1, 2)]
+    assert [s['pairs'] for s in stats] == [len(o['pairs']) for o in own] and sum(s['pairs'] for s in stats) >= 1   # replace: only its own
+    assert not [p for p in d.rglob('*') if '.checkpoints-' in p.name or '.tmp-' in p.name]
+    assert_same_run(d, ref)
+    done = [e['stage'] for e in events(d) if e['event'] == 'done']
+    assert len(done) == len(set(done)), done

@@ -15,19 +15,19 @@ from cream_nb.methods import length as length_
 from conftest import CREAM
 from test_loop import _copy_sft
 
-BUILTIN = ('cream', 'srlm', 'dpo', 'oracle', 'cream-lc', 'scpo')
+BUILTIN = ('cream', 'srlm', 'dpo', 'oracle', 'cream-lc', 'scpo', 'meta-rewarding', 'temporal')
 
 
 # ---- the registry ------------------------------------------------------------------------------
 def test_registry_names_and_unknown_name():
     assert M.method_names() == BUILTIN
     assert [M.get_method(n).name for n in BUILTIN] == list(BUILTIN)
-    with pytest.raises(ConfigError, match=r"unknown method 'ppo': known methods are 'cream', 'srlm', 'dpo', 'oracle', 'cream-lc', 'scpo'"):
+    with pytest.raises(ConfigError, match=r"unknown method 'ppo': known methods are 'cream', 'srlm', 'dpo', 'oracle', 'cream-lc', 'scpo', 'meta-rewarding', 'temporal'"):
         M.get_method('ppo')
     with pytest.raises(ValueError, match="already registered"): M.register_method(M.get_method('dpo'))
     with pytest.raises(TypeError, match="takes a Method"): M.register_method('dpo')
     # a run refuses an unknown method with the registered ones (config itself holds plain values)
-    with pytest.raises(ConfigError, match=r"unknown method 'ppo': known methods are 'cream', 'srlm', 'dpo', 'oracle', 'cream-lc', 'scpo'"):
+    with pytest.raises(ConfigError, match=r"unknown method 'ppo': known methods are 'cream', 'srlm', 'dpo', 'oracle', 'cream-lc', 'scpo', 'meta-rewarding', 'temporal'"):
         M.method_for(apply_overrides(preset('tiny'), ['loop.method="ppo"']))
 
 
@@ -57,9 +57,11 @@ def test_models_rates_and_labels_per_method():
     models = {n: [M.get_method(n).models(t) for t in (1, 2, 3)] for n in BUILTIN}
     implicit = [['m1', 'm0'], ['m2', 'm1', 'm0'], ['m3', 'm2', 'm1']]
     assert models == {'cream': implicit, 'dpo': implicit, 'cream-lc': implicit,
-                      'srlm': [['m1'], ['m2'], ['m3']], 'oracle': [['m1'], ['m2'], ['m3']], 'scpo': [['m1'], ['m2'], ['m3']]}
+                      'srlm': [['m1'], ['m2'], ['m3']], 'oracle': [['m1'], ['m2'], ['m3']], 'scpo': [['m1'], ['m2'], ['m3']],
+                      'meta-rewarding': [['m1'], ['m2'], ['m3']], 'temporal': [['m1'], ['m2'], ['m3']]}
     tiny = preset('tiny')
-    assert {n: M.get_method(n).rate(tiny) for n in BUILTIN} == {'cream': 'avg', 'cream-lc': 'avg', 'dpo': 1.0, 'srlm': 1.0, 'oracle': 1.0, 'scpo': 1.0}
+    assert {n: M.get_method(n).rate(tiny) for n in BUILTIN} == {'cream': 'avg', 'cream-lc': 'avg', 'dpo': 1.0, 'srlm': 1.0, 'oracle': 1.0, 'scpo': 1.0,
+                                                            'meta-rewarding': 1.0, 'temporal': 1.0}
     dyn, fixed = (apply_overrides(tiny, [o]) for o in ('consistency.mode="dyn"', 'consistency.fixed=0.25'))
     assert (M.get_method('cream').rate(dyn), M.get_method('cream').rate(fixed), M.get_method('dpo').rate(fixed)) == ('dyn', 0.25, 1.0)
     assert M.get_method('cream').reward_names(1) == ('M1 reward', 'M0 normalised likelihood')
@@ -361,7 +363,7 @@ def test_agreement_keeps_only_pairs_the_second_reward_orders_the_same_way(tiny_r
 
 
 def test_run_machinery_compare_cli_and_inspectors_never_name_the_new_methods():
-    "The methods added after the registry (ScPO, the agreement option) live in cream_nb.methods only: nothing else names them."
+    "The methods added after the registry (ScPO, the agreement option, Meta-Rewarding, Temporal) live in cream_nb.methods only: nothing else names them."
     import ast, re
     from pathlib import Path
     pkg = Path(M.__file__).parents[1]
@@ -370,5 +372,5 @@ def test_run_machinery_compare_cli_and_inspectors_never_name_the_new_methods():
         docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}   # docstrings may cite
         words = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
         words += [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)] + [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)]
-        hits = [w for w in words if re.search(r"\bscpo\b|ScPO|vote_rewards|vote_margin|dpo-agree|with_agreement|agreement_filter", w)]
+        hits = [w for w in words if re.search(r"\bscpo\b|ScPO|vote_rewards|vote_margin|dpo-agree|with_agreement|agreement_filter|[Mm]eta.[Rr]ewarding|meta_judge|\btemporal\b|anchored", w)]
         assert not hits, f"{f.relative_to(pkg.parent)} names a method of its own: {hits}"

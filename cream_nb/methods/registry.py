@@ -50,6 +50,7 @@ class Method:
     pair_weight: Callable|None = None # (chosen_reward, rejected_reward) -> the pair's loss weight (ScPO's vote margin); None: 1
     nll_alpha: float = 0.0 # weight of the chosen response's per-token NLL added to the DPO loss (ScPO: 1)
     extra_pairs: str|None = None # one of `artifacts` holding the method's own pairs {'replace', 'pairs', 'report'} (`stages.preferences.check_extra_pairs`); None: best vs worst only
+    compare_overrides: tuple = () # config overrides `cream compare` applies when it runs this method (e.g. a longer dpo.max_length)
     def __repr__(self): return f"Method({self.name!r}: {self.description})"
 
 # %% ../../nbs/41_methods.registry.ipynb #156fa3da
@@ -237,8 +238,8 @@ COMPARE_METHODS = {   # comparison name -> (registered method, or None for SFT o
 DEFAULT_METHODS = ('m1', 'srlm', 'dpo', 'oracle', 'cream-avg', 'cream-dyn')   # the paper's comparison (`make run`)
 
 def comparison_methods() -> dict:
-    "Every name `compare` takes -> (registered method or None, overrides): the table above, then any other registered method."
-    return {**COMPARE_METHODS, **{n: (n, []) for n in method_names() if n not in COMPARE_METHODS}}
+    "Every name `compare` takes -> (registered method or None, overrides): the table above, then any other registered method with its `compare_overrides`."
+    return {**COMPARE_METHODS, **{n: (n, list(get_method(n).compare_overrides)) for n in method_names() if n not in COMPARE_METHODS}}
 
 # %% ../../nbs/41_methods.registry.ipynb #ab5a0665
 def describe_method(name:str) -> str:
