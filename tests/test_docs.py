@@ -286,8 +286,10 @@ def test_methods_page_renders(site):
     "The page of every registered method: a section per method, the committed comparison's tables and one prompt's pairs."
     page = site/'tutorials'/'methods.html'
     text = text_of(page)
-    for h in ('The methods', 'One prompt, every method', 'Reading it', 'ScPO', 'Paired tests', 'kendall'):
+    for h in ('The methods', 'One prompt, every method', 'Reading it', 'ScPO', 'Meta-Rewarding', 'Temporal', 'Paired tests', 'kendall'):
         assert h in text, h
     r = json.loads((ROOT/'data'/'compare'/'cpu-demo-methods.json').read_text())
+    from cream_nb.methods.registry import method_names   # the committed comparison holds every registered method ('cream' as cream-avg/-dyn)
+    assert {n for n in method_names() if n != 'cream'} <= set(r['tables']['methods']), r['tables']['methods']
     for m, v in r['example']['methods'].items():
         assert m in text and (v['pair'] is None or v['pair']['chosen'].split('\n')[0][:40] in text), m

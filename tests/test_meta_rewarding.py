@@ -89,8 +89,9 @@ def test_compare_runs_the_new_methods_beside_srlm_sharing_what_it_can(tmp_path, 
     rw = {m: {r['prompt_id']: r['current'] for r in read_jsonl(root/m/'iter1'/'rewards.jsonl')} for m in ('srlm', 'meta-rewarding', 'temporal')}
     assert rw['srlm'] == rw['meta-rewarding'] == rw['temporal']      # M1 judges the same samples the same way in all three
     pairs = {m: load_dataset_dir(root/m/'iter1'/'pairs') for m in ('srlm', 'temporal', 'meta-rewarding')}
-    key = lambda ds: [(p, c, r) for p, c, r in zip(ds['prompt_id'], ds['chosen_index'], ds['rejected_index'])]
-    assert key(pairs['temporal']) == key(pairs['srlm'])             # iteration 1: the anchor is M1 itself
+    sr, tp = pairs['srlm'], pairs['temporal']   # iteration 1: the anchor is M1 itself, so the rejected (and the chosen, unless the future model's) are SRLM's
+    assert list(zip(tp['prompt_id'], tp['rejected_index'])) == list(zip(sr['prompt_id'], sr['rejected_index']))
+    assert all(k == 'future_chosen' or c == c0 for k, c, c0 in zip(tp['kind'], tp['chosen_index'], sr['chosen_index']))
     assert 'judge' in set(pairs['meta-rewarding']['kind'])           # dpo.max_length=768 leaves room for the judge pairs
     tab = read_json(root/'compare.json')
     assert tab['methods'] == ['m1', 'srlm', 'meta-rewarding', 'temporal'] and all(m in out for m in tab['methods'])

@@ -33,6 +33,7 @@ class ScoreContext:
     engine: Any = None # the run's generation engine (cream_nb.models.engine), for methods that generate (the SRLM judge)
     progress: bool = False # show progress bars
     artifacts: dict = field(default_factory=dict) # file name -> JSON object the loop writes beside rewards.jsonl
+    provisional: Callable|None = None # pairs (`check_extra_pairs` rows with reference log-probs) -> context manager giving M_t trained on them by the DPO stage (a provisional M_{t+1}), dropped on exit
 
 # %% ../../nbs/41_methods.registry.ipynb #070b9dff
 @dataclass(frozen=True)

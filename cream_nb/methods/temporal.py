@@ -11,7 +11,7 @@ from collections import Counter
 from .registry import Method, ScoreContext, register_method, current_model, plain_dpo_rate
 
 # %% auto #0
-__all__ = ['TEMPORAL', 'anchored_pair', 'temporal_rewards', 'temporal_names']
+__all__ = ['TEMPORAL', 'anchored_pair', 'future_chosen', 'temporal_rewards', 'temporal_names', 'temporal_method']
 
 # %% ../../nbs/44_methods.temporal.ipynb #ff2dd21e
 def anchored_pair(
@@ -30,18 +30,33 @@ def anchored_pair(
     if responses[ci] == anchor_responses[ri]: return None, None, 'identical_text'
     return ci, ri, None
 
-# %% ../../nbs/44_methods.temporal.ipynb #80712dc2
-def temporal_rewards(ctx:ScoreContext) -> list:
-    "M_t's judge scores of its samples as rewards; its best sample against the anchor M1's worst in `anchored_pairs.json`."
+# %% ../../nbs/44_methods.temporal.ipynb #78a45b11
+def future_chosen(
+    chosen_reward:float, # the anchored pair's chosen score
+    rejected:str, # the anchored pair's rejected text
+    future:list, # the provisional M_{t+1}'s samples of the prompt
+    future_scores:list, # M_t's judge scores of them (None: unscored)
+) -> int|None: # the index of the future sample that becomes the chosen, or None: the pair stays
+    "The provisional next model's best sample (lowest index on ties) replaces the chosen when M_t's judge scores it strictly higher."
+    scored = [(-float(s), i) for i, s in enumerate(future_scores) if s is not None]
+    if not scored: return None
+    b, i = min(scored)
+    return i if -b > chosen_reward and future[i] != rejected else None
+
+# %% ../../nbs/44_methods.temporal.ipynb #dbbf5951
+def temporal_rewards(ctx:ScoreContext, future:bool=True) -> list:
+    "M_t's judge scores of its samples as rewards; anchored pairs, their chosen guided by a provisional M_{t+1}, in `anchored_pairs.json`."
     from cream_nb.stages.judge import judge_rewards
-    from cream_nb.models.engine import GenParams
+    from cream_nb.models.engine import GenParams, HFEngine
     from cream_nb.models.logprobs import sequence_logps
     t, cfg, tok, m_t = ctx.t, ctx.cfg, ctx.tokenizer, f'm{ctx.t}'
     if t > 1 and ctx.engine is None: raise ValueError("temporal has the anchor M1 sample with the run's engine: ScoreContext.engine is None")
+    judge = lambda m, samples: judge_rewards(m, tok, ctx.prompts, samples, cfg, progress=ctx.progress, engine=ctx.engine, checkpoint=m_t)
+    ref = lambda m, prompts, texts: sequence_logps(m, tok, prompts, texts, batch_size=cfg.reward.batch_size)[0].tolist() if texts else []
     anchor = ctx.samples if t == 1 else ctx.engine.generate('m1', ctx.prompts, GenParams.sampling(cfg.sampling), progress=ctx.progress)
     with ctx.model(m_t) as m:
-        cur, ctx.artifacts['judge_stats.json'] = judge_rewards(m, tok, ctx.prompts, ctx.samples, cfg, progress=ctx.progress, engine=ctx.engine, checkpoint=m_t)
-        acur, astats = (cur, None) if t == 1 else judge_rewards(m, tok, ctx.prompts, anchor, cfg, progress=ctx.progress, engine=ctx.engine, checkpoint=m_t)
+        cur, ctx.artifacts['judge_stats.json'] = judge(m, ctx.samples)
+        acur, astats = (cur, None) if t == 1 else judge(m, anchor)
         P, A = {p['id']: p for p in ctx.prompts}, {a['prompt_id']: a for a in anchor}
         rows, pairs, per_prompt, skipped = [], [], {}, Counter()
         for s in ctx.samples:
@@ -54,19 +69,41 @@ def temporal_rewards(ctx:ScoreContext) -> list:
             pairs.append(dict(prompt_id=pid, prompt=P[pid]['messages'], chosen=resp[ci], rejected=a[ri], chosen_index=ci,
                               rejected_index=ri if t == 1 else None, chosen_reward=cur[pid][ci], rejected_reward=acur[pid][ri],
                               kind='anchored', ref_chosen_logps=lp[ci], ref_rejected_logps=lp[ri] if t == 1 else None))
-        todo = [r for r in pairs if r['ref_rejected_logps'] is None]
-        if todo:   # M_t's log-prob of the anchor's response: the DPO reference of the rejected
-            lps = sequence_logps(m, tok, [r['prompt'] for r in todo], [r['rejected'] for r in todo], batch_size=cfg.reward.batch_size)[0].tolist()
-            for r, x in zip(todo, lps): r['ref_rejected_logps'] = x
+        todo = [r for r in pairs if r['ref_rejected_logps'] is None]   # M_t's log-prob of the anchor's response: the rejected's reference
+        for r, x in zip(todo, ref(m, [r['prompt'] for r in todo], [r['rejected'] for r in todo])): r['ref_rejected_logps'] = x
+    fut = {'used': False, 'why': 'no anchored pairs' if not pairs else 'off' if not future else 'the run gives no provisional model'}
+    if pairs and future and ctx.provisional is not None:
+        with ctx.provisional(pairs) as fm:   # the provisional M_{t+1}: M_t trained on the anchored pairs, dropped after sampling
+            eng = HFEngine(fm, tok, dtype=cfg.sampling.engine_dtype, batch_size=cfg.sampling.batch_size)
+            drawn = eng.generate(None, [P[r['prompt_id']] for r in pairs], GenParams.sampling(cfg.sampling), progress=ctx.progress)
+            eng.close()
+        with ctx.model(m_t) as m:
+            fcur, _ = judge(m, drawn)
+            new = {}
+            for r, d in zip(pairs, drawn):
+                k = future_chosen(r['chosen_reward'], r['rejected'], d['responses'], fcur[r['prompt_id']])
+                per_prompt[r['prompt_id']].update(future_responses=d['responses'], future_scores=fcur[r['prompt_id']], future_chosen=k)
+                if k is not None: new[r['prompt_id']] = (d['responses'][k], fcur[r['prompt_id']][k])
+            swap = [r for r in pairs if r['prompt_id'] in new]
+            for r, x in zip(swap, ref(m, [r['prompt'] for r in swap], [new[r['prompt_id']][0] for r in swap])):
+                r.update(chosen=new[r['prompt_id']][0], chosen_reward=new[r['prompt_id']][1], chosen_index=None, ref_chosen_logps=x, kind='future_chosen')
+        fut = {'used': True, 'trained_on': len(pairs), 'chosen_replaced': len(swap)}
     ctx.artifacts['anchored_pairs.json'] = {'replace': True, 'pairs': pairs, 'report': {
-        'anchor': 'm1', 'prompts': len(rows), 'pairs': len(pairs), 'skipped': dict(skipped),
+        'anchor': 'm1', 'prompts': len(rows), 'pairs': len(pairs), 'skipped': dict(skipped), 'future': fut,
         'anchor_judge': None if astats is None else {k: v for k, v in astats.items() if k != 'judgements'}, 'per_prompt': per_prompt}}
     return rows
 
-# %% ../../nbs/44_methods.temporal.ipynb #77208d5c
+# %% ../../nbs/44_methods.temporal.ipynb #43a6b4d8
 def temporal_names(t:int) -> tuple: return (f"M{t} judge score", None)
 
-TEMPORAL = register_method(Method(
-    'temporal', "Temporal (anchored rejection): M_t's best sample by its own judge against the worst of M1's samples; plain DPO",
-    current_model, temporal_rewards, plain_dpo_rate, temporal_names, artifacts=('judge_stats.json', 'anchored_pairs.json'),
-    extra_pairs='anchored_pairs.json'), replace=True)
+def temporal_method(
+    future:bool=True, # guide the chosen by a provisional M_{t+1} (False: anchored rejection only, the paper's ablation)
+    name:str='temporal', # the name it is registered under
+) -> Method:
+    "Temporal self-rewarding, with or without the future-guided chosen, ready for `register_method`."
+    what = "the chosen replaced by a provisional M_{t+1}'s best sample where M_t's judge scores it higher" if future else "anchored rejection only"
+    return Method(name, f"Temporal: M_t's best sample by its own judge against the worst of M1's samples, {what}; plain DPO",
+                  current_model, lambda ctx: temporal_rewards(ctx, future), plain_dpo_rate, temporal_names,
+                  artifacts=('judge_stats.json', 'anchored_pairs.json'), extra_pairs='anchored_pairs.json')
+
+TEMPORAL = register_method(temporal_method(), replace=True)

@@ -280,13 +280,13 @@ def _content_fp(ds) -> str:
 
 # %% ../../nbs/52_runs.base.ipynb #81027e20
 @patch
-def _fresh_adapter(self:CreamRun, name:str, init_from:str|None):
+def _fresh_adapter(self:CreamRun, name:str, init_from:str|None, seed:int|None=None):
     "Create adapter `name` on the base (replacing a stale one from a forced redo), from `init_from` (loaded if needed), and make it active."
     from transformers import set_seed
     if init_from is not None and init_from not in getattr(self.base, 'peft_config', {}):
         with self.model(init_from): pass   # the first stage of this process (resumed, or linked by a StageCache) never loaded it
     base = self.base
-    set_seed(self.cfg.loop.seed + int(name[1:]))  # LoRA's random init: the same in every process
+    set_seed(self.cfg.loop.seed + int(name[1:]) if seed is None else seed)  # LoRA's random init: the same in every process
     if name in getattr(base, 'peft_config', {}): base.delete_adapter(name)
     self._base = add_adapter(base, name, self.cfg.model, init_from=init_from)
     return self._base

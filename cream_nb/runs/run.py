@@ -4,7 +4,7 @@
 
 # %% ../../nbs/53_runs.run.ipynb #7452a436
 from __future__ import annotations
-import logging
+import contextlib, logging
 from pathlib import Path
 from fastcore.basics import patch
 from ..core.artifacts import (write_json, read_json, write_jsonl, read_jsonl, save_dataset, load_dataset_dir,
@@ -151,7 +151,7 @@ def score(self:Iteration) -> list[dict]:
     fp = fingerprint('score', self.fp('sample'), conf, [self.run.fp_model(n) for n in self._models_scored()])
     def make():
         ctx = ScoreContext(self.t, self.cfg, self.prompts(), self.samples(), model=self.run.model,
-                           tokenizer=self.run.tokenizer, progress=self.run.progress, engine=self.run.engine)
+                           tokenizer=self.run.tokenizer, progress=self.run.progress, engine=self.run.engine, provisional=self._provisional)
         ctx.logps = {n: self._logps(n) for n in self._models_scored()}   # each a stage of its own: shareable by fingerprint
         if self.cfg.consistency.paper_code and self.t == 1 and 'm0' in ctx.logps:   # M0's likelihood as the paper's code computes it
             with self.run.model('m0') as m0:
@@ -163,6 +163,24 @@ def score(self:Iteration) -> list[dict]:
         return rows
     outputs = [self.dir/'rewards.jsonl', self.dir/'reward_accuracy.json'] + [self.dir/a for a in method.artifacts]
     return self._stage('score', fp, conf, outputs, make, self._checked_rewards)
+
+# %% ../../nbs/53_runs.run.ipynb #a7c3e9f1
+@patch
+@contextlib.contextmanager
+def _provisional(self:Iteration, rows:list):
+    "M_t trained by the DPO stage on a method's own pairs `rows`, as a model for the body (a provisional M_{t+1}); nothing of it stays."
+    import os, shutil
+    ds, _ = preference_pairs(self.prompts(), self.samples(), {}, ref_logps={}, extra=rows, replace=True)
+    tmp, name = self.dir/f'.provisional.tmp-{os.getpid()}', f'{self.m_next}-provisional'   # a killed run's copy is removed on resume
+    self.run.release_engine()
+    model = self.run._fresh_adapter(name, self.m_t, seed=self.cfg.loop.seed + 1000 + self.t) if self.run.lora else load_model(str(self.run.registry.path(self.m_t)))[0]
+    try:
+        train_dpo(model, self.run.tokenizer, ds, self.cfg.dpo, tmp, consistency=self.training_consistency(), seed=self.cfg.loop.seed + self.t,
+                  progress=self.run.progress, **({'nll_alpha': self.method.nll_alpha} if self.method.nll_alpha else {}))
+        yield model.eval()
+    finally:
+        if self.run.lora and name in getattr(self.run.base, 'peft_config', {}): self.run.base.delete_adapter(name)
+        for p in [tmp, *self.dir.glob(f'.{tmp.name}.checkpoints-*')]: shutil.rmtree(p, ignore_errors=True)   # and the trainer's checkpoints beside it
 
 # %% ../../nbs/53_runs.run.ipynb #54a32e16
 @patch
