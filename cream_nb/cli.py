@@ -239,7 +239,8 @@ def main(argv=None) -> int:
         from cream_nb.data.records import DataError   # datasets: imported only when something went wrong
         if not isinstance(e, (ConfigError, StageMismatch, ArtifactError, KeyError, FileNotFoundError, DataError, RunLocked)): raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"cream: error: {msg}" if is_writer() else f"cream: error (process {rank()}): {msg}", file=sys.stderr)
+        line = f"cream: error: {msg}" if is_writer() else f"cream: error (process {rank()}): {msg}"
+        sys.stderr.write(line + '\n'); sys.stderr.flush()   # one write: under a launcher's unbuffered stderr, print's two writes interleave with the other process's line
         return 2
     except KeyboardInterrupt:
         print("\ncream: interrupted; finished stages are kept. Rerun the same command to resume.", file=sys.stderr); return 130
