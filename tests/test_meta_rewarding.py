@@ -13,6 +13,7 @@ EXPECTED = 'reward.judge_scoring="expected"'   # the random tiny model writes no
 def test_meta_rewarding_trains_on_actor_and_judge_pairs_it_can_account_for(tiny_run, tmp_path):
     from cream_nb.runs.run import CreamRun
     from cream_nb.models.logprobs import sequence_logps
+    from cream_nb.stages.judge import choice_probs
     d = tmp_path/'meta'
     _copy_sft(tiny_run[0], d)
     cfg = apply_overrides(preset('tiny'), ['loop.method="meta-rewarding"', EXPECTED, 'dpo.max_length=1024'])
@@ -42,7 +43,7 @@ def test_meta_rewarding_trains_on_actor_and_judge_pairs_it_can_account_for(tiny_
             for pid, pp in rep['per_prompt'].items():
                 q, resp = prompts[pid]['messages'][-1]['content'], samples[pid]['responses']
                 texts = [MR.meta_judge_prompt(q, resp[k], *ab) for k, js in zip(pp['judged'], pp['judgements']) for ab in (js, js[::-1])]
-                pr = MR._letter_probs(m, run.tokenizer, texts, 3)
+                pr = choice_probs(m, run.tokenizer, texts, *MR.label_tokens(run.tokenizer), batch_size=3)
                 assert pp['p_first_better'] == pytest.approx([MR.battle_probability(pr[2 * k], pr[2 * k + 1]) for k in range(len(pp['judged']))], abs=1e-5)
             lp = sequence_logps(m, run.tokenizer, [p['prompt'] for p in judge for _ in (0, 1)],
                                 [x for p in judge for x in (p['chosen'], p['rejected'])], batch_size=1)[0].tolist()

@@ -82,28 +82,12 @@ def judge_pair(
     i, (_, j1, j2, p) = max(usable, key=lambda t: (abs(t[1][3] - 0.5), -t[0]))
     return (i, j1, j2, p) if p > 0.5 else (i, j2, j1, 1 - p)
 
-# %% ../../nbs/43_methods.meta.ipynb #6243f8ee
-def _letter_probs(model, tokenizer, texts:list, batch_size:int) -> list:
-    "(p(A), p(B)) of the meta-judge's verdict for each meta-judge prompt, batched longest first."
-    import torch
-    from cream_nb.models.engine import chat_prompt_ids
-    from cream_nb.stages.judge import _batch_score_probs
-    from cream_nb.models.logprobs import _accepts_logits_to_keep
-    head, ids = label_tokens(tokenizer)
-    seqs = [chat_prompt_ids(tokenizer, [{'role': 'user', 'content': t}]) + head for t in texts]
-    order, out, keep = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i)), [None] * len(seqs), _accepts_logits_to_keep(model)
-    with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            for i, row in zip(idx, _batch_score_probs(model, tokenizer, [seqs[i] for i in idx], ids, keep).tolist()): out[i] = tuple(row)
-    return out
-
 # %% ../../nbs/43_methods.meta.ipynb #07040d42
 RHO = 0.2   # the length control's window (our choice; the paper tunes it per iteration)
 
 def meta_rewards(ctx:ScoreContext, rho:float=RHO) -> list:
     "Judge scores of M_t's samples as rewards; actor and judge pairs (with M_t's reference log-probs) in `meta_judge.json`."
-    from cream_nb.stages.judge import judge_rewards, judge_prompt, _question
+    from cream_nb.stages.judge import judge_rewards, judge_prompt, _question, choice_probs
     from cream_nb.models.engine import GenParams
     from cream_nb.models.logprobs import sequence_logps, build_sequence
     if ctx.engine is None: raise ValueError("meta-rewarding samples judgements with the run's engine: ScoreContext.engine is None")
@@ -129,7 +113,7 @@ def meta_rewards(ctx:ScoreContext, rho:float=RHO) -> list:
     metas = [meta_judge_prompt(_question(P[pid]['messages']), S[pid]['responses'][i], a, b) for (pid, i), js in zip(judged, judgements)
              for a, b in (js, js[::-1])]
     with ctx.model(m_t) as m:
-        probs = _letter_probs(m, tok, metas, cfg.reward.batch_size)
+        probs = choice_probs(m, tok, metas, *label_tokens(tok), batch_size=cfg.reward.batch_size)
         battles = {}
         for k, ((pid, i), jm, js) in enumerate(zip(judged, jmsgs, judgements)):
             battles.setdefault(pid, []).append((jm, js[0], js[1], battle_probability(probs[2 * k], probs[2 * k + 1])))

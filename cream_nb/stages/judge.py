@@ -16,7 +16,7 @@ from ..models.logprobs import _accepts_logits_to_keep
 
 # %% auto #0
 __all__ = ['JUDGE_TEMPLATE', 'JUDGE_SCORE_PREFIX', 'judge_prompt', 'parse_judge_score', 'judge_rewards', 'judge_score_tokens',
-           'judge_score_sequence', 'judge_expected_scores']
+           'judge_score_sequence', 'choice_probs', 'judge_expected_scores']
 
 # %% ../../nbs/34_stages.judge.ipynb #c0f999ba
 JUDGE_TEMPLATE = """Read the user's question and the response that follows it, then grade the response with the additive 5-point system below. Points add up: the response earns one point for each criterion it meets.
@@ -122,6 +122,23 @@ def _batch_score_probs(model, tokenizer, seqs:list, digit_ids:list, keep:bool) -
     extra = {'logits_to_keep': 1} if keep else {}
     logits = model(**enc, position_ids=pos, use_cache=False, **extra).logits[:, -1]
     return logits.float().softmax(-1)[:, digit_ids].double().cpu()
+
+# %% ../../nbs/34_stages.judge.ipynb #c4a1e2b7
+def choice_probs(
+    model, tokenizer, # the model that reads and its chat tokenizer
+    texts:list, # user turns, one per question
+    prefix_ids:list, # the assistant's text before its choice, as token ids
+    token_ids:list, # the tokens of the choices
+    batch_size:int=8, # sequences per forward pass
+)->list: # per text, the probabilities of `token_ids` as the next token (softmax over the whole vocabulary), input order
+    "Next-token probabilities of a few choice tokens after each user turn and assistant prefix, batched longest first."
+    seqs = [chat_prompt_ids(tokenizer, [{'role': 'user', 'content': t}]) + list(prefix_ids) for t in texts]
+    order, out, keep = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i)), [None] * len(seqs), _accepts_logits_to_keep(model)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            for i, row in zip(idx, _batch_score_probs(model, tokenizer, [seqs[i] for i in idx], token_ids, keep).tolist()): out[i] = tuple(row)
+    return out
 
 # %% ../../nbs/34_stages.judge.ipynb #a53a4cbd
 def _expected_stats(scores:dict, mass:list, judgements:dict) -> dict:
