@@ -14,8 +14,8 @@ from scipy.stats import rankdata
 
 # %% auto #0
 __all__ = ['wilson_interval', 'binomial_test', 'mcnemar_exact', 'two_proportion_test', 'bootstrap_mean_interval',
-           'permutation_test', 'mdd_means', 'mdd_proportions', 'connor_n', 'mdd_paired_proportions', 'kendall_tau_b',
-           'spearman_rho', 'top_order_agreement']
+           'permutation_test', 'mdd_means', 'mdd_paired_t', 'mdd_proportions', 'connor_n', 'mdd_paired_proportions',
+           'kendall_tau_b', 'spearman_rho', 'top_order_agreement']
 
 # %% ../../nbs/02_core.stats.ipynb #5245477b
 def _check_count(k, n, what='correct'):
@@ -116,12 +116,14 @@ def permutation_test(
     less, greater = ((null <= obs + gamma).sum() + adj) / (len(null) + adj), ((null >= obs - gamma).sum() + adj) / (len(null) + adj)
     return {'difference': float(obs), 'p_value': float(min(1.0, 2 * min(less, greater))), 'exact': exact}
 
-# %% ../../nbs/02_core.stats.ipynb #c8480fb9
-def _t_power(d, n1, n2, alpha):
-    df, nc = n1 + n2 - 2, d * math.sqrt(n1 * n2 / (n1 + n2))
+# %% ../../nbs/02_core.stats.ipynb #eb231459
+def _nct_power(nc, df, alpha):
+    "Power of the two-sided t-test at noncentrality `nc`; a tail scipy's nct gives as NaN (df in the thousands, or a far tail at df 1) by the normal."
     c = _st.t.isf(alpha / 2, df)
-    pw = _st.nct.sf(c, df, nc) + _st.nct.cdf(-c, df, nc)
-    return pw if np.isfinite(pw) else _st.norm.sf(c - nc) + _st.norm.cdf(-c - nc)   # scipy's nct gives NaN at df in the thousands
+    up, lo = _st.nct.sf(c, df, nc), _st.nct.cdf(-c, df, nc)
+    return (up if np.isfinite(up) else _st.norm.sf(c - nc)) + (lo if np.isfinite(lo) else _st.norm.cdf(-c - nc))
+
+def _t_power(d, n1, n2, alpha): return _nct_power(d * math.sqrt(n1 * n2 / (n1 + n2)), n1 + n2 - 2, alpha)
 
 def mdd_means(
     sd1:float, # SD (ddof=1) of the first sample
@@ -138,6 +140,26 @@ def mdd_means(
     sp = math.sqrt(((n1 - 1) * sd1**2 + (n2 - 1) * sd2**2) / (n1 + n2 - 2))
     hi = 3 * (_st.norm.isf(alpha / 2) + _st.norm.ppf(power)) * math.sqrt(1 / n1 + 1 / n2)   # 3x the normal approximation
     return float(sp * brentq(lambda d: _t_power(d, n1, n2, alpha) - power, 1e-9, hi, xtol=1e-12))
+
+# %% ../../nbs/02_core.stats.ipynb #9ba83eb0
+def _t_effect(df, scale, alpha, power):
+    "The d with `_nct_power(d * scale, df, alpha) == power`, bracketed from the normal approximation upwards."
+    hi = (_st.norm.isf(alpha / 2) + _st.norm.ppf(power)) / scale
+    while _nct_power(hi * scale, df, alpha) < power: hi *= 2
+    return brentq(lambda d: _nct_power(d * scale, df, alpha) - power, 1e-9, hi, xtol=1e-14)
+
+def mdd_paired_t(
+    sd:float, # SD (ddof=1) of the n paired differences
+    n:int, # pairs (e.g. seeds), n >= 2
+    alpha:float=0.05, # two-sided level of the test
+    power:float=0.8, # probability of detecting a mean difference of the returned size
+)->float: # the smallest |mean difference| detected with that power, in the differences' units
+    "Minimum detectable mean of n paired differences (one-sample t-test on them): d* × sd."
+    if n < 2: raise ValueError(f"n = {n}: a paired t-test needs n >= 2 pairs")
+    if sd < 0 or not math.isfinite(sd): raise ValueError(f"sd = {sd} must be finite and >= 0")
+    _check_level(alpha, 'alpha'); _check_level(power, 'power')
+    if power <= alpha: raise ValueError(f"power = {power} must exceed alpha = {alpha}: a test rejects with probability alpha at no difference")
+    return float(sd * _t_effect(n - 1, math.sqrt(n), alpha, power))
 
 # %% ../../nbs/02_core.stats.ipynb #313a5fb8
 def _z_effect(n_eff, alpha, power):

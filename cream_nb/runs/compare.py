@@ -6,19 +6,20 @@ Docs: https://cream-nb.github.io/cream_nb/runs.compare.html.md"""
 
 # %% ../../nbs/55_runs.compare.ipynb #21e503cc
 from __future__ import annotations
+import contextvars, functools
 from pathlib import Path
 from ..core.config import CreamConfig, apply_overrides, ConfigError, save_config, parse_seeds, seed_config
 from ..core.artifacts import write_json, write_jsonl, reading_only
 from ..core.processes import is_writer, barrier, from_writer
 from . import run as L
 from .cache import StageCache, using_cache
-from .stage import _as_config
+from .stage import StageProgress, _as_config, stage_events_to
 from ..stages import rewards as R
 from ..models.logprobs import sequence_logps
-from ..methods.registry import COMPARE_METHODS, DEFAULT_METHODS, comparison_methods, describe_method, method_config
+from ..methods.registry import COMPARE_METHODS, DEFAULT_METHODS, comparison_methods, describe_method, method_config, method_for
 
 # %% auto #0
-__all__ = ['compare', 'compare_seeds', 'analyse_run']
+__all__ = ['compare', 'plan_stages', 'compare_seeds', 'analyse_run']
 
 # %% ../../nbs/55_runs.compare.ipynb #6ad94f51
 def compare(
@@ -26,7 +27,7 @@ def compare(
     methods=DEFAULT_METHODS, # names from `comparison_methods()`
     run_dir='runs/compare', # one sub-directory per method, `_shared/` for the stage cache
     force:bool=False, # redo finished stages whose settings changed
-    progress:bool=False, # progress bars
+    progress:bool=False, # progress bars, and a line on stderr as each stage starts (`[k/N] <method> <stage>  elapsed ..  ETA ..`)
     analyse:bool=True, # compute the extra log-probs the tables need (consistency of SRLM/Oracle, model movement)
     shared=None, # the stage cache's folder (default `run_dir/_shared`; `compare_seeds` gives every seed the same one)
     group:str|None=None, # the trackers' group of this comparison's runs (default: `run_dir`'s name; `compare_seeds`: '<name>-seed-<s>')
@@ -34,18 +35,41 @@ def compare(
     "Run every method on the same config and seed, each in `run_dir/<method>/`, sharing stages; return `run_dir`."
     cfg, run_dir = _as_config(config), Path(run_dir)
     for m in methods: method_config(cfg, m)               # every name checked before anything runs
+    lines = _PROGRESS.get()   # `compare_seeds` follows all its seeds' stages in one plan
+    label = (lambda m: f'{run_dir.name}/{m}') if lines else (lambda m: m)
+    if lines is None and progress: lines = StageProgress(plan_stages(cfg, methods, analyse))
     with reading_only(not is_writer()):   # under accelerate launch every process runs the comparison; the main one writes
         save_config(cfg, run_dir/'compare_config.json')
         for m in methods:
             run = L.CreamRun(method_config(cfg, m), run_dir/m, force=force, progress=progress)
             run.track_group, run.track_root = group or run_dir.name, run_dir   # one tracked run per method, grouped by comparison
-            with using_cache(StageCache(Path(shared or run_dir/'_shared'), run.registry)):
+            with using_cache(StageCache(Path(shared or run_dir/'_shared'), run.registry)), \
+                 stage_events_to(functools.partial(lines.event, label(m)) if lines else None):
                 if m == 'm1': run.sft(); run.evaluate_m1(); run.track(0); run.close_tracker(); run.summary()
                 else: run.run()
                 if analyse: analyse_run(run)
             del run
     barrier()
     return run_dir
+
+# %% ../../nbs/55_runs.compare.ipynb #50cd6b1a
+_PROGRESS = contextvars.ContextVar('_PROGRESS', default=None)   # the StageProgress `compare_seeds` gives its seeds' comparisons
+
+def plan_stages(
+    cfg:CreamConfig, # the settings every method shares
+    methods, # names from `comparison_methods()`
+    analyse:bool=True, # with the log-prob stages `analyse_run` adds
+)->list: # (method, stage name) in the order the comparison reaches them: an estimate (a method's own extra stages are not in it)
+    "The stages `compare(cfg, methods)` runs, method by method, for its progress lines."
+    out = []
+    for m in methods:
+        c = method_config(cfg, m); names = ['sft', 'eval_m1']
+        if m != 'm1':
+            its, method = range(1, c.loop.iterations + 1), method_for(c)
+            for t in its: names += [f'iter{t}/{n}' for n in ['sample', *(f'logps_{k}' for k in method.models(t)), 'score', 'consistency', 'pairs', 'train', 'evaluate']]
+            if analyse: names += [n for t in its for k in R.scored_models(t) if (n := f'iter{t}/logps_{k}') not in names]
+        out += [(m, n) for n in names]
+    return out
 
 # %% ../../nbs/55_runs.compare.ipynb #a9bcb8ab
 def compare_seeds(
@@ -59,8 +83,12 @@ def compare_seeds(
     seeds, cfg, run_dir = parse_seeds(seeds), _as_config(config), Path(run_dir)
     for m in methods: method_config(cfg, m)
     with reading_only(not is_writer()): save_config(cfg, run_dir/'compare_config.json')   # a rerun without --preset/--config keeps it
-    out = {}
-    for s in seeds: out[s] = compare(seed_config(cfg, s), methods, run_dir/f'seed-{s}', shared=run_dir/'_shared', group=f'{run_dir.name}-seed-{s}', **kw)
+    out, lines = {}, None
+    if kw.get('progress'): lines = StageProgress([(f'seed-{s}/{m}', n) for s in seeds for m, n in plan_stages(seed_config(cfg, s), methods, kw.get('analyse', True))])
+    token = _PROGRESS.set(lines)
+    try:
+        for s in seeds: out[s] = compare(seed_config(cfg, s), methods, run_dir/f'seed-{s}', shared=run_dir/'_shared', group=f'{run_dir.name}-seed-{s}', **kw)
+    finally: _PROGRESS.reset(token)
     return out
 
 # %% ../../nbs/55_runs.compare.ipynb #d6fcdfba

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/50_runs.stage.ipynb #6474e6d7
 from __future__ import annotations
-import contextvars, json, os, shutil, time
+import contextlib, contextvars, json, os, shutil, sys, time
 from pathlib import Path
 from typing import Callable
 from ..core.config import CreamConfig, preset, load_config, config_from_dict
@@ -12,9 +12,11 @@ from ..core.artifacts import write_json, ArtifactError, reading_only, writes_rea
 from ..core.processes import is_writer, barrier, from_writer
 
 # %% auto #0
-__all__ = ['STAGE_CACHE', 'REDO', 'NEUTRAL_DEFAULTS', 'UNFINGERPRINTED', 'StageLog', 'run_stage']
+__all__ = ['STAGE_EVENTS', 'STAGE_CACHE', 'REDO', 'NEUTRAL_DEFAULTS', 'UNFINGERPRINTED', 'StageLog', 'run_stage', 'stage_kind',
+           'remaining_seconds', 'StageProgress', 'stage_events_to']
 
 # %% ../../nbs/50_runs.stage.ipynb #f54ccef2
+STAGE_EVENTS = contextvars.ContextVar('STAGE_EVENTS', default=None)  # a callable (stage, event, seconds) told of each event a StageLog writes (progress lines)
 class StageLog:
     "Append-only log of stage events (`start`, `done`, `skip`, each with the writer's pid) in `run_dir/stages.jsonl`."
     def __init__(self, path): self.path = Path(path)
@@ -23,6 +25,7 @@ class StageLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, 'a') as f:
             f.write(json.dumps({'stage': stage, 'event': event, 'time': time.time(), 'pid': os.getpid(), **kw}) + "\n"); f.flush()
+        if (hook := STAGE_EVENTS.get()) is not None: hook(stage, event, kw.get('seconds'))
     def events(self) -> list[dict]:
         if not self.path.exists(): return []
         out = []
@@ -144,3 +147,51 @@ def _partial_log(folder:Path, name:str, fp:str) -> Path:
     for old in Path(folder).glob(f'.{name}.partial-*'):
         if not old.name.startswith(f'.{name}.partial-{fp}'): old.unlink()
     return Path(folder)/f'.{name}.partial-{fp}.jsonl'
+
+# %% ../../nbs/50_runs.stage.ipynb #219febbe
+def stage_kind(name:str) -> str:
+    "The kind of stage `name` for time estimates: its last part, a log-prob stage's model dropped ('iter2/logps_m1' -> 'logps')."
+    last = name.rpartition('/')[2]
+    return 'logps' if last.startswith('logps_') else last
+
+def remaining_seconds(
+    plan:list, # (run, stage name) of every stage the job will reach, in order
+    finished:dict, # (run, stage name) -> seconds it ran, None where it was skipped or linked from the stage cache
+)->float|None: # estimated seconds of the plan's unfinished stages; None while no stage has run
+    "Each unfinished stage of `plan` costs the mean time of its kind's finished stages (of all finished stages for a new kind)."
+    ran = [(stage_kind(n), s) for (_, n), s in finished.items() if s is not None]
+    if not ran: return None
+    kinds = {}
+    for k, s in ran: kinds.setdefault(k, []).append(s)
+    mean, overall = {k: sum(v)/len(v) for k, v in kinds.items()}, sum(s for _, s in ran)/len(ran)
+    return sum(mean.get(stage_kind(n), overall) for r, n in plan if (r, n) not in finished)
+
+# %% ../../nbs/50_runs.stage.ipynb #592a4375
+def _duration(secs:float) -> str:
+    s = int(round(secs))
+    return f'{s//3600}h{s//60%60:02d}m' if s >= 3600 else f'{s//60}m{s%60:02d}s' if s >= 60 else f'{s}s'
+
+class StageProgress:
+    "One line per planned stage as it starts: `[k/N] <run> <stage>  elapsed ..  ETA ..` (ETA '?' while unknown)."
+    def __init__(self, plan:list, # (run, stage name) of every stage the job will reach, in order
+                 out=None, clock:Callable=time.time): # where lines go (default stderr); the time
+        self.plan, self.out, self.clock, self.finished, self.seen = list(plan), out, clock, {}, set()
+        self.t0, self._at = clock(), {k: i for i, k in enumerate(self.plan)}
+    def event(self, run:str, stage:str, event:str, seconds:float|None=None):
+        "Take one stage event of run `run` (a `StageLog` hook with `run` bound); print the line of a stage that starts."
+        key = (run, stage); self.seen.add(key)
+        if event == 'done': self.finished[key] = seconds
+        elif event in ('skip', 'shared'): self.finished.setdefault(key, None)   # skipped after it ran here: it keeps its time
+        if event in ('done', 'skip', 'shared') and key in self._at:
+            for k in self.plan[:self._at[key]]: self.seen.add(k); self.finished.setdefault(k, None)
+        if event == 'start' and is_writer(): print(self.line(run, stage), file=self.out or sys.stderr, flush=True)
+    def line(self, run:str, stage:str) -> str:
+        eta, k = remaining_seconds(self.plan, self.finished), sum(k in self.seen for k in self.plan)
+        return f"[{k}/{len(self.plan)}] {run} {stage}  elapsed {_duration(self.clock() - self.t0)}  ETA {'?' if eta is None else _duration(eta)}"
+
+@contextlib.contextmanager
+def stage_events_to(hook:Callable|None):
+    "Within the block, every event a `StageLog` writes is also given to `hook(stage, event, seconds)` (None: to nobody)."
+    token = STAGE_EVENTS.set(hook)
+    try: yield hook
+    finally: STAGE_EVENTS.reset(token)
