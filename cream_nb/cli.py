@@ -179,10 +179,11 @@ def _cmd_compare(args) -> int:
     if seeds is not None:
         compare_seeds(cfg, seeds, args.methods, args.run_dir, force=args.force, progress=not args.quiet)
         if not is_writer(): finish(); return 0
-        from cream_nb.reporting.seeds import write_seeds_tables, seeds_text
-        tab = write_seeds_tables(args.run_dir, reference=ref)   # each seed's compare.json too
+        from cream_nb.reporting.seeds import seeds_text
+        report = report_html(args.run_dir, reference=ref)   # writes seeds.json and each seed's compare.json: computed once
+        tab = read_json(args.run_dir/'seeds.json')
         print(f"\ncream: comparison on {len(tab['seeds'])} seeds finished in {time.time()-t0:.0f} s\n\n{seeds_text(tab)}\n\n"
-              f"tables: {args.run_dir/'seeds.json'}; one seed's tables and report: cream report {args.run_dir}/seed-<s>")
+              f"tables: {args.run_dir/'seeds.json'}; report: {report}; one seed's tables and report: cream report {args.run_dir}/seed-<s>")
         finish(); return 0
     compare(cfg, args.methods, args.run_dir, force=args.force, progress=not args.quiet)
     if not is_writer(): finish(); return 0   # under accelerate launch the main process writes the report and prints the tables
@@ -194,8 +195,9 @@ def _cmd_compare(args) -> int:
 
 # %% ../nbs/70_cli.ipynb #ebc5ce63
 def _is_comparison(args) -> bool:
-    from cream_nb.reporting.report import is_comparison
-    return args.command == 'report' and is_comparison(args.run_dir)   # `cream report` takes a comparison directory too
+    from cream_nb.reporting.report import is_comparison, seed_dirs
+    # `cream report` takes a comparison directory too, and one on several seeds (`cream compare --seeds`)
+    return args.command == 'report' and (is_comparison(args.run_dir) or (args.run_dir.is_dir() and bool(seed_dirs(args.run_dir))))
 
 def _not_a_run(run_dir:Path) -> str:
     "What to say of a directory `cream status` / `cream report` cannot read: a comparison, several seeds, or nothing of ours."

@@ -364,4 +364,9 @@ def test_seeds_run_each_seed_and_adding_one_reuses_the_finished(jobs):
         c = per[s]['accuracy']['dpo']['m2']['average']
         assert acc[('accuracy', 'dpo')]['seeds'][str(s)]['value'] == pytest.approx(c['correct'] / c['n'])
     assert 'Across 2 seeds (0, 1)' in r.stdout and r.stdout.rstrip().endswith(f'cream report {d}/seed-<s>')
+    page = (d/'report.html').read_text()   # the seeds page: the table with its tests over seeds, and the figure
+    assert f'report: {d/"report.html"}' in r.stdout and 'p over seeds' in page and 'Every seed and the mean' in page
+    (d/'report.html').unlink()
+    rep = cream('report', d)   # `cream report` takes the seeds directory too
+    assert rep.returncode == 0 and (d/'report.html').exists(), rep.stderr[-2000:]
     one_line_error(cream('status', d), f'{d} holds a comparison on several seeds: give one of its seed directories, e.g. {d}/seed-0')
