@@ -12,8 +12,8 @@ from ..core.artifacts import write_json, ArtifactError, reading_only, writes_rea
 from ..core.processes import is_writer, barrier, from_writer
 
 # %% auto #0
-__all__ = ['STAGE_EVENTS', 'STAGE_CACHE', 'REDO', 'NEUTRAL_DEFAULTS', 'UNFINGERPRINTED', 'StageLog', 'run_stage', 'stage_kind',
-           'remaining_seconds', 'StageProgress', 'stage_events_to']
+__all__ = ['STAGE_EVENTS', 'STAGE_CACHE', 'REDO', 'NEUTRAL_DEFAULTS', 'UNFINGERPRINTED', 'ONE_OFF', 'StageLog', 'run_stage',
+           'stage_kind', 'remaining_seconds', 'StageProgress', 'stage_events_to']
 
 # %% ../../nbs/50_runs.stage.ipynb #f54ccef2
 STAGE_EVENTS = contextvars.ContextVar('STAGE_EVENTS', default=None)  # a callable (stage, event, seconds) told of each event a StageLog writes (progress lines)
@@ -154,16 +154,19 @@ def stage_kind(name:str) -> str:
     last = name.rpartition('/')[2]
     return 'logps' if last.startswith('logps_') else last
 
+ONE_OFF = {'sft'}   # kinds a run does once, far slower than the rest: no measure of a kind not seen yet
+
 def remaining_seconds(
     plan:list, # (run, stage name) of every stage the job will reach, in order
     finished:dict, # (run, stage name) -> seconds it ran, None where it was skipped or linked from the stage cache
 )->float|None: # estimated seconds of the plan's unfinished stages; None while no stage has run
-    "Each unfinished stage of `plan` costs the mean time of its kind's finished stages (of all finished stages for a new kind)."
+    "Each unfinished stage of `plan` costs the mean time of its kind's finished stages (of all finished stages but SFT for a new kind)."
     ran = [(stage_kind(n), s) for (_, n), s in finished.items() if s is not None]
-    if not ran: return None
+    usual = [s for k, s in ran if k not in ONE_OFF]
+    if not usual: return None
     kinds = {}
     for k, s in ran: kinds.setdefault(k, []).append(s)
-    mean, overall = {k: sum(v)/len(v) for k, v in kinds.items()}, sum(s for _, s in ran)/len(ran)
+    mean, overall = {k: sum(v)/len(v) for k, v in kinds.items()}, sum(usual)/len(usual)
     return sum(mean.get(stage_kind(n), overall) for r, n in plan if (r, n) not in finished)
 
 # %% ../../nbs/50_runs.stage.ipynb #592a4375
