@@ -179,11 +179,15 @@ class StageProgress:
     def __init__(self, plan:list, # (run, stage name) of every stage the job will reach, in order
                  out=None, clock:Callable=time.time): # where lines go (default stderr); the time
         self.plan, self.out, self.clock, self.finished, self.seen = list(plan), out, clock, {}, set()
-        self.t0, self._at = clock(), {k: i for i, k in enumerate(self.plan)}
+        self.t0, self._at, self.open = clock(), {k: i for i, k in enumerate(self.plan)}, []   # open: [stage, seconds of stages inside it]
     def event(self, run:str, stage:str, event:str, seconds:float|None=None):
         "Take one stage event of run `run` (a `StageLog` hook with `run` bound); print the line of a stage that starts."
         key = (run, stage); self.seen.add(key)
-        if event == 'done': self.finished[key] = seconds
+        if event == 'start': self.open.append([key, 0.0])
+        if event == 'done':   # a stage's own time: a score stage runs its log-prob stages inside it, and they count as logps
+            inner = self.open.pop()[1] if self.open and self.open[-1][0] == key else 0.0
+            if self.open and seconds is not None: self.open[-1][1] += seconds
+            self.finished[key] = None if seconds is None else max(seconds - inner, 0.0)
         elif event in ('skip', 'shared'): self.finished.setdefault(key, None)   # skipped after it ran here: it keeps its time
         if event in ('done', 'skip', 'shared') and key in self._at:
             for k in self.plan[:self._at[key]]: self.seen.add(k); self.finished.setdefault(k, None)
